@@ -1,0 +1,39 @@
+# Feature Hedging companion.
+#   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
+#   make test      unit tests + notebook validation (nbval) on the fast `ci` profile
+#   make lab       open JupyterLab on the notebooks
+PYTHON ?= python3
+PROFILE ?= small
+# torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
+# On a GPU machine, override it: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: env figures test unit notebooks lab clean-cache
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+figures: env
+	$(BIN)/python -m hedging_utils.figures --profile $(PROFILE)
+
+test: unit notebooks
+
+unit: env
+	$(BIN)/python -m pytest -q tests
+
+notebooks: env
+	HEDGING_PROFILE=ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+
+lab: env
+	$(BIN)/jupyter lab notebooks
+
+clean-cache:
+	rm -rf data/cache

@@ -1,0 +1,53 @@
+"""A disk cache keyed by settings, written atomically.
+
+An entry is a directory under ``data/cache/<kind>/<key>/`` where ``key`` hashes the settings
+that produced it. It is written to a temporary sibling first and renamed into place once
+complete, so an interrupted run leaves no half-written entry behind and a rerun resumes
+from the entries that did finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from hedging_utils.profiles import REPO_ROOT
+
+CACHE_ENV = "HEDGING_CACHE_DIR"
+COMPLETE_MARKER = "settings.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, REPO_ROOT / "data" / "cache"))
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short, stable hash of JSON-serialisable settings."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_dir(kind: str, settings: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Return the cache directory for ``settings``, calling ``build(tmp_dir)`` to fill it
+    first if it does not exist yet. ``build`` writes into a fresh temporary directory that
+    becomes the entry only when ``build`` returns."""
+    final = cache_root() / kind / settings_key(settings)
+    if (final / COMPLETE_MARKER).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(settings, sort_keys=True, indent=1, default=str))
+        if final.exists():  # an incomplete entry from an older layout: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,123 @@
+"""Figure data in one tidy schema, and the plots drawn from it.
+
+Heatmap-style data (encoder/decoder cosine similarities with the true features) has the
+columns ``setting, n_latents, vector, latent, feature, cos_sim, projection``:
+
+- ``vector``: ``encoder``, ``decoder`` or ``b_dec`` (``latent`` is empty for ``b_dec``);
+- ``latent``: the latent's position after reordering to best match the true features, as
+  plotted (the SAE's own index is in ``sae_latent``);
+- ``cos_sim``: cos(vector, f_feature); ``projection``: the vector's component along the unit
+  feature f_feature (for ``b_dec`` this is its magnitude, e.g. ~0.2 f2 in P10a).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from sae_lens.synthetic import find_best_feature_ordering
+
+HEATMAP_COLUMNS = ["setting", "n_latents", "vector", "latent", "feature", "cos_sim", "projection", "sae_latent"]
+
+
+def similarity_frame(sae: Any, features: torch.Tensor, setting: str) -> pd.DataFrame:
+    """Tidy cosine similarities of an SAE's encoder rows, decoder rows and b_dec with the
+    true ``features`` (shape [N, D]), latents reordered to best match the features."""
+    features = features.detach().float()
+    w_dec = sae.W_dec.detach().float()
+    w_enc = sae.W_enc.detach().float().T
+    order = find_best_feature_ordering(w_dec, features).tolist()
+    rows = []
+    for vector, weights in (("encoder", w_enc), ("decoder", w_dec)):
+        proj = weights @ features.T
+        cos = proj / weights.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        for plotted, idx in enumerate(order):
+            for j in range(len(features)):
+                rows.append((setting, w_dec.shape[0], vector, plotted, j, cos[idx, j].item(), proj[idx, j].item(), idx))
+    b_dec = sae.b_dec.detach().float()
+    b_proj = features @ b_dec
+    b_cos = b_proj / b_dec.norm().clamp_min(1e-12)
+    for j in range(len(features)):
+        rows.append((setting, w_dec.shape[0], "b_dec", None, j, b_cos[j].item(), b_proj[j].item(), None))
+    frame = pd.DataFrame(rows, columns=HEATMAP_COLUMNS)
+    frame["latent"] = frame["latent"].astype("Int64")
+    frame["sae_latent"] = frame["sae_latent"].astype("Int64")
+    return frame
+
+
+def similarity_matrix(frame: pd.DataFrame, vector: str, setting: str | None = None) -> pd.DataFrame:
+    """One setting's [latent x feature] cosine-similarity matrix from a tidy frame."""
+    sub = frame[frame["vector"] == vector]
+    if setting is not None:
+        sub = sub[sub["setting"] == setting]
+    return sub.pivot(index="latent", columns="feature", values="cos_sim")
+
+
+def plot_heatmaps(frame: pd.DataFrame, setting: str, axes: Sequence[plt.Axes], title: str | None = None) -> None:
+    """Encoder and decoder cosine similarity with the true features, side by side."""
+    for ax, vector in zip(axes, ("encoder", "decoder")):
+        mat = similarity_matrix(frame, vector, setting)
+        sns.heatmap(
+            mat, ax=ax, cmap="RdBu", vmin=-1, vmax=1, center=0, annot=mat.shape[1] <= 12,
+            fmt=".2f", cbar=False, square=True, linewidths=0.5, linecolor="white",
+            xticklabels=[f"f{j + 1}" for j in mat.columns], yticklabels=[f"l{i + 1}" for i in mat.index],
+            annot_kws={"fontsize": 8},
+        )
+        ax.set_xlabel("true feature")
+        ax.set_ylabel("SAE latent")
+        ax.set_title(f"{title + ': ' if title else ''}{vector}", fontsize=10)
+
+
+def heatmap_grid(frame: pd.DataFrame, settings: Sequence[str], titles: Sequence[str] | None = None) -> plt.Figure:
+    """A row of encoder/decoder heatmap pairs, one pair per setting."""
+    titles = list(titles or settings)
+    widths = [similarity_matrix(frame, "decoder", s).shape[1] for s in settings]
+    heights = [similarity_matrix(frame, "decoder", s).shape[0] for s in settings]
+    fig, axes = plt.subplots(
+        1, 2 * len(settings), figsize=(max(2.0, 0.6 * max(widths)) * 2 * len(settings) + 1, 0.6 * max(heights) + 1.8),
+        squeeze=False,
+    )
+    for k, (setting, title) in enumerate(zip(settings, titles)):
+        plot_heatmaps(frame, setting, axes[0, 2 * k: 2 * k + 2], title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_feature_components(frame: pd.DataFrame, setting: str, ax: plt.Axes, title: str | None = None) -> None:
+    """Bar chart of the decoder latent(s) (unit norm, cos_sim) and b_dec (raw ``projection``)
+    along each true feature: the view of the single-latent toys (paper Figure 10)."""
+    sub = frame[(frame["setting"] == setting) & (frame["vector"].isin(["decoder", "b_dec"]))].copy()
+    sub["value"] = np.where(sub["vector"] == "b_dec", sub["projection"], sub["cos_sim"])
+    sub["vector"] = np.where(sub["vector"] == "b_dec", "b_dec", "decoder latent " + sub["latent"].astype(str).str.replace("<NA>", ""))
+    sub["feature"] = "f" + (sub["feature"] + 1).astype(str)
+    sns.barplot(sub, x="feature", y="value", hue="vector", ax=ax, palette="deep")
+    for cont in ax.containers:
+        ax.bar_label(cont, fmt="%.2f", fontsize=7)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylim(min(-0.4, sub["value"].min() - 0.15), 1.15)
+    ax.set_ylabel("component along feature")
+    ax.set_title(title or setting, fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def value_at(
+    frame: pd.DataFrame, setting: str, vector: str, latent: int | None, feature: int, column: str = "cos_sim"
+) -> float:
+    """One cell of a tidy similarity frame (``latent`` as plotted; ``None`` for ``b_dec``)."""
+    sub = frame[(frame["setting"] == setting) & (frame["vector"] == vector) & (frame["feature"] == feature)]
+    if latent is not None:
+        sub = sub[sub["latent"] == latent]
+    if len(sub) != 1:
+        raise KeyError(f"no single cell for setting={setting!r} vector={vector!r} latent={latent} feature={feature}")
+    return float(sub[column].iloc[0])
+
+
+def off_diagonal_max(frame: pd.DataFrame, setting: str, vectors: Sequence[str] = ("encoder", "decoder")) -> float:
+    """Largest |cos| between plotted latent i and any feature j != i: 0 for a clean SAE."""
+    sub = frame[(frame["setting"] == setting) & frame["vector"].isin(vectors)]
+    off = sub[sub["latent"].astype(float) != sub["feature"].astype(float)]
+    return float(off["cos_sim"].abs().max())

@@ -1,0 +1,341 @@
+"""Toy models of features, and SAEs trained on them.
+
+A toy model has N mutually orthogonal unit features in R^D (SAELens' ``FeatureDictionary``).
+Each sample fires a random subset of them (SAELens' ``ActivationGenerator``) and is the sum of
+the firing features times their magnitudes. Dependencies between features come from:
+
+- ``Hierarchy``: children fire only when their parent fires (SAELens' ``HierarchyNode``); a
+  child's firing probability is then P(child | parent).
+- ``ConditionalFiring``: a feature fires with one probability when another fires and with a
+  different one when it does not (e.g. P(f2|f1)=0.2, P(f2|not f1)=0.1), a small
+  ``ActivationsModifier`` on top of SAELens' generator.
+- ``correlation_matrix``: a Gaussian copula over all features (SAELens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from sae_lens import __version__ as sae_lens_version
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.synthetic import (
+    ActivationGenerator,
+    FeatureDictionary,
+    HierarchyNode,
+    hierarchy_modifier,
+    init_sae_to_match_feature_dict,
+    train_toy_sae,
+)
+
+from hedging_utils.cache import cached_dir
+from hedging_utils.profiles import ParameterError, check_positive_int, check_probability
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConditionalFiring:
+    """``child`` fires with ``p_given_parent`` when ``parent`` fires, else ``p_given_not_parent``."""
+
+    child: int
+    parent: int
+    p_given_parent: float
+    p_given_not_parent: float
+
+    def __post_init__(self) -> None:
+        check_probability(f"P(f{self.child}|f{self.parent})", self.p_given_parent)
+        check_probability(f"P(f{self.child}|not f{self.parent})", self.p_given_not_parent)
+        if self.child == self.parent:
+            raise ParameterError(f"ConditionalFiring child={self.child} cannot be its own parent.")
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """``children`` fire only when ``parent`` fires; optionally at most one child at a time."""
+
+    parent: int
+    children: tuple[int, ...]
+    mutually_exclusive: bool = False
+
+    def node(self) -> HierarchyNode:
+        return HierarchyNode(
+            feature_index=self.parent,
+            children=[HierarchyNode(feature_index=c) for c in self.children],
+            mutually_exclusive_children=self.mutually_exclusive,
+        )
+
+
+class ConditionalFiringModifier:
+    """An SAELens ``ActivationsModifier`` that redraws each conditional child's firing from
+    the state of its parent, with the child's own magnitude distribution."""
+
+    def __init__(self, conditionals: Sequence[ConditionalFiring]):
+        self.conditionals = list(conditionals)
+
+    def __call__(self, acts: torch.Tensor, generator: ActivationGenerator) -> torch.Tensor:
+        for c in self.conditionals:
+            parent_on = acts[:, c.parent] > 0
+            p = torch.where(parent_on, c.p_given_parent, c.p_given_not_parent).to(acts.dtype)
+            fires = torch.bernoulli(p)
+            mean = generator.mean_firing_magnitudes[c.child]
+            std = generator.std_firing_magnitudes[c.child]
+            magnitude = mean + std * torch.randn_like(p)
+            acts[:, c.child] = fires * magnitude
+        return acts
+
+
+@dataclass
+class ToySetting:
+    """A toy model of orthogonal features.
+
+    Attributes:
+        firing_probabilities: P(feature fires) for each feature. For a child in ``hierarchies``
+            this is P(child | parent); for a child of a ``ConditionalFiring`` it is unused.
+        conditionals: features whose firing depends on another feature's state.
+        hierarchies: parent/child groups (children fire only with the parent).
+        correlation_matrix: optional Gaussian-copula correlation between all features.
+        magnitudes: mean firing magnitude, one value or one per feature.
+        magnitude_std: standard deviation of the firing magnitude.
+        d_model: dimension D of the space the features live in.
+        feature_seed: seed of the random orthogonal feature directions.
+    """
+
+    firing_probabilities: Sequence[float]
+    conditionals: Sequence[ConditionalFiring] = ()
+    hierarchies: Sequence[Hierarchy] = ()
+    correlation_matrix: Sequence[Sequence[float]] | None = None
+    magnitudes: float | Sequence[float] = 1.0
+    magnitude_std: float | Sequence[float] = 0.0
+    d_model: int = 50
+    feature_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.firing_probabilities = [
+            check_probability(f"firing_probabilities[{i}]", p) for i, p in enumerate(self.firing_probabilities)
+        ]
+        n = self.num_features
+        check_positive_int("d_model", self.d_model)
+        if n > self.d_model:
+            raise ParameterError(f"d_model={self.d_model} is smaller than the {n} features; raise d_model.")
+        self.conditionals = tuple(self.conditionals)
+        self.hierarchies = tuple(self.hierarchies)
+        for c in self.conditionals:
+            for idx in (c.child, c.parent):
+                if not 0 <= idx < n:
+                    raise ParameterError(f"ConditionalFiring feature index {idx} is outside 0..{n - 1}.")
+        for h in self.hierarchies:
+            for idx in (h.parent, *h.children):
+                if not 0 <= idx < n:
+                    raise ParameterError(f"Hierarchy feature index {idx} is outside 0..{n - 1}.")
+
+    @property
+    def num_features(self) -> int:
+        return len(self.firing_probabilities)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.correlation_matrix is not None:
+            d["correlation_matrix"] = np.asarray(self.correlation_matrix, dtype=float).round(10).tolist()
+        return d
+
+    @cached_property
+    def feature_dict(self) -> FeatureDictionary:
+        return FeatureDictionary(self.num_features, self.d_model, seed=self.feature_seed)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The true features, shape [N, D], unit norm and mutually orthogonal."""
+        return self.feature_dict.feature_vectors.detach()
+
+    @cached_property
+    def generator(self) -> ActivationGenerator:
+        modifiers: list[Any] = []
+        if self.hierarchies:
+            modifiers.append(hierarchy_modifier([h.node() for h in self.hierarchies]))
+        if self.conditionals:
+            modifiers.append(ConditionalFiringModifier(self.conditionals))
+        corr = None if self.correlation_matrix is None else torch.tensor(self.correlation_matrix, dtype=torch.float32)
+        return ActivationGenerator(
+            self.num_features,
+            torch.tensor(self.firing_probabilities),
+            std_firing_magnitudes=_per_feature(self.magnitude_std, self.num_features),
+            mean_firing_magnitudes=_per_feature(self.magnitudes, self.num_features),
+            modify_activations=modifiers or None,
+            correlation_matrix=corr,
+        )
+
+    def sample_feature_activations(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` samples of feature activations a (shape [n, N]); x = a @ features."""
+        with _seeded(seed):
+            return self.generator.sample(n)
+
+    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` training activations x (shape [n, D])."""
+        return self.feature_dict(self.sample_feature_activations(n, seed))
+
+    def joint_firing_distribution(self) -> tuple[np.ndarray, np.ndarray]:
+        """The exact joint distribution of which features fire.
+
+        Returns ``(states, probs)``: every binary firing pattern (shape [2^N, N]) and its
+        probability. Exact for independent features, hierarchies without mutual exclusion and
+        conditional firing; other settings raise ``NotImplementedError`` (sample instead).
+        """
+        if self.correlation_matrix is not None or any(h.mutually_exclusive for h in self.hierarchies):
+            raise NotImplementedError("no closed-form joint distribution for this setting; sample it instead")
+        n = self.num_features
+        if n > 16:
+            raise NotImplementedError(f"{n} features give 2^{n} firing patterns; sample instead")
+        parents = {c.child: c for c in self.conditionals}
+        for h in self.hierarchies:
+            for child in h.children:
+                p = self.firing_probabilities[child]
+                parents[child] = ConditionalFiring(child, h.parent, p, 0.0)
+        states = np.array(list(itertools.product([0, 1], repeat=n)), dtype=float)
+        probs = np.ones(len(states))
+        for j in range(n):
+            if j in parents:
+                c = parents[j]
+                p_on = np.where(states[:, c.parent] == 1, c.p_given_parent, c.p_given_not_parent)
+            else:
+                p_on = np.full(len(states), self.firing_probabilities[j])
+            probs *= np.where(states[:, j] == 1, p_on, 1 - p_on)
+        return states, probs
+
+
+def conditional_pair(
+    p_f1: float, p_f2_given_f1: float, p_f2_given_not_f1: float, *, d_model: int = 50, **kwargs: Any
+) -> ToySetting:
+    """Two features: f1 fires with ``p_f1``; f2 fires with P(f2|f1) and P(f2|not f1)."""
+    return ToySetting(
+        firing_probabilities=[p_f1, p_f2_given_f1],
+        conditionals=[ConditionalFiring(1, 0, p_f2_given_f1, p_f2_given_not_f1)],
+        d_model=d_model,
+        **kwargs,
+    )
+
+
+def correlated_pair(p_f1: float, p_f2: float, rho: float, *, d_model: int = 50, **kwargs: Any) -> ToySetting:
+    """Two features with marginals ``p_f1``, ``p_f2`` and Gaussian-copula correlation ``rho``."""
+    if not -1 < rho < 1:
+        raise ParameterError(f"rho={rho!r} must lie in (-1, 1).")
+    return ToySetting(
+        firing_probabilities=[p_f1, p_f2], correlation_matrix=[[1.0, rho], [rho, 1.0]], d_model=d_model, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+Init = Literal["true_features", "random"]
+
+
+def make_sae(d_in: int, d_sae: int, architecture: str = "standard", **cfg: Any) -> TrainingSAE[Any]:
+    """A fresh SAELens training SAE of any registered architecture."""
+    sae_cls, cfg_cls = get_sae_training_class(architecture)
+    return sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, **cfg))
+
+
+def train_sae(
+    setting: ToySetting,
+    d_sae: int,
+    *,
+    training_samples: int,
+    seed: int = 0,
+    architecture: str = "standard",
+    init: Init = "true_features",
+    lr: float = 3e-4,
+    batch_size: int = 1024,
+    label: str = "",
+    **sae_cfg: Any,
+) -> TrainingSAE[Any]:
+    """Train an SAE of width ``d_sae`` on ``setting`` with SAELens' ``train_toy_sae``.
+
+    ``init="true_features"`` starts latent i at true feature i (encoder = decoder = f_i, for
+    i < min(d_sae, N)); ``"random"`` keeps SAELens' default initialisation. Extra keyword
+    arguments go to the SAE config (e.g. ``l1_coefficient``, ``k``). The trained SAE is cached
+    on disk under a key of all these settings, so a rerun loads it instead of training again.
+    """
+    check_positive_int("d_sae", d_sae)
+    check_positive_int("training_samples", training_samples)
+    if init not in ("true_features", "random"):
+        raise ParameterError(f"init={init!r} must be 'true_features' or 'random'.")
+    settings = {
+        "setting": setting.to_dict(),
+        "d_sae": d_sae,
+        "architecture": architecture,
+        "sae_cfg": sae_cfg,
+        "training_samples": training_samples,
+        "seed": seed,
+        "init": init,
+        "lr": lr,
+        "batch_size": batch_size,
+        "sae_lens": sae_lens_version,
+        "version": CACHE_VERSION,
+    }
+
+    def build(path: Path) -> None:
+        start = time.perf_counter()
+        with _seeded(seed):
+            sae = make_sae(setting.d_model, d_sae, architecture, **sae_cfg)
+            if init == "true_features":
+                init_sae_to_match_feature_dict(sae, setting.feature_dict)
+                sae.W_dec.data = sae.W_dec.data.contiguous()  # it is set to a transpose
+            with _quiet_trainer():
+                train_toy_sae(
+                    sae, setting.feature_dict, setting.generator,
+                    training_samples=training_samples, batch_size=batch_size, lr=lr,
+                )
+        sae.save_model(path)
+        print(f"  trained {label or architecture} (width {d_sae}, {training_samples:,} samples, "
+              f"seed {seed}) in {time.perf_counter() - start:.1f}s", flush=True)
+
+    path = cached_dir("toy_saes", settings, build)
+    return TrainingSAE.load_from_disk(path)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's global RNG (which SAELens' generator and initialisers use) for a block,
+    restoring the previous state afterwards."""
+    if seed is None:
+        yield
+        return
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _quiet_trainer() -> Iterator[None]:
+    """Silence SAELens' per-step progress bar; ``train_sae`` prints one line per SAE instead."""
+    import functools
+
+    import sae_lens.training.sae_trainer as trainer_module
+
+    original = trainer_module.tqdm
+    trainer_module.tqdm = functools.partial(original, disable=True)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trainer_module.tqdm = original
+
+
+def _per_feature(value: float | Sequence[float], n: int) -> torch.Tensor:
+    if isinstance(value, (int, float)):
+        return torch.full((n,), float(value))
+    if len(value) != n:
+        raise ParameterError(f"got {len(value)} magnitude values for {n} features.")
+    return torch.tensor([float(v) for v in value])

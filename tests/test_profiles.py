@@ -1,0 +1,49 @@
+import pytest
+
+from hedging_utils.profiles import (
+    PROFILES, ParameterError, check_choice, check_probability, check_seed, figures_dir, resolve_profile,
+)
+
+
+def test_default_profile_is_small():
+    assert resolve_profile().name == "small"
+
+
+def test_profile_from_environment(monkeypatch):
+    monkeypatch.setenv("HEDGING_PROFILE", "ci")
+    assert resolve_profile().name == "ci"
+    assert resolve_profile("paper").name == "paper"  # an explicit parameter wins
+
+
+def test_unknown_profile_names_the_parameter_and_the_choices():
+    with pytest.raises(ParameterError, match=r"profile='fast'.*\['ci', 'paper', 'small'\]"):
+        resolve_profile("fast")
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), "high", None])
+def test_probability_outside_unit_interval(value):
+    with pytest.raises(ParameterError, match=r"p_f2=.*\[0, 1\]"):
+        check_probability("p_f2", value)
+
+
+def test_probability_bounds_are_inclusive():
+    assert check_probability("p", 0) == 0.0 and check_probability("p", 1) == 1.0
+
+
+def test_other_checks_name_the_parameter():
+    with pytest.raises(ParameterError, match="seed=-1"):
+        check_seed("seed", -1)
+    with pytest.raises(ParameterError, match="init='zeros'"):
+        check_choice("init", "zeros", ["true_features", "random"])
+
+
+def test_profiles_only_change_numbers():
+    fields = {tuple(sorted(p.to_dict())) for p in PROFILES.values()}
+    assert len(fields) == 1
+    assert PROFILES["small"].toy_samples == 15_000_000  # the paper's toy budget
+
+
+def test_figures_dir_keeps_small_figures_separate(monkeypatch):
+    monkeypatch.delenv("HEDGING_FIGURES_DIR")
+    assert figures_dir(PROFILES["small"]).name == "figures"
+    assert figures_dir(PROFILES["ci"]).parts[-2:] == ("figures", "ci")

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from hedging_utils.profiles import ParameterError
+from hedging_utils.toys import (
+    ConditionalFiring, Hierarchy, ToySetting, conditional_pair, correlated_pair, train_sae,
+)
+
+N = 400_000
+
+
+def _within_sampling_error(fires: np.ndarray, p: float, sigmas: float = 5.0) -> bool:
+    se = np.sqrt(p * (1 - p) / len(fires)) if 0 < p < 1 else 0.0
+    return abs(fires.mean() - p) <= sigmas * se + 1e-12
+
+
+@pytest.mark.parametrize("p1,a,b", [(0.25, 0.2, 0.1), (0.25, 0.1, 0.2), (0.25, 0.2, 0.0), (0.45, 0.0, 0.3)])
+def test_conditional_firing_reproduces_marginal_and_conditionals(p1, a, b):
+    fires = (conditional_pair(p1, a, b).sample_feature_activations(N, seed=1) > 0).numpy()
+    f1, f2 = fires[:, 0], fires[:, 1]
+    assert _within_sampling_error(f1, p1)
+    assert _within_sampling_error(f2[f1], a)
+    assert _within_sampling_error(f2[~f1], b)
+    assert _within_sampling_error(f2, p1 * a + (1 - p1) * b)
+
+
+def test_conditional_child_keeps_its_magnitude():
+    toy = ToySetting([0.5, 0.3], conditionals=[ConditionalFiring(1, 0, 0.5, 0.2)], magnitudes=[1.0, 2.5])
+    acts = toy.sample_feature_activations(10_000, seed=0)
+    assert set(acts[:, 1].unique().tolist()) == {0.0, 2.5}
+
+
+def test_hierarchy_child_fires_only_with_parent():
+    toy = ToySetting([0.25, 0.25, 0.25, 0.2], hierarchies=[Hierarchy(2, (3,))])
+    fires = (toy.sample_feature_activations(N, seed=2) > 0).numpy()
+    assert not (fires[:, 3] & ~fires[:, 2]).any()
+    assert _within_sampling_error(fires[fires[:, 2], 3], 0.2)
+
+
+def test_correlated_pair_keeps_marginals_and_sign_of_correlation():
+    fires = (correlated_pair(0.45, 0.25, 0.4).sample_feature_activations(N, seed=3) > 0).numpy().astype(float)
+    assert _within_sampling_error(fires[:, 0] > 0, 0.45)
+    assert _within_sampling_error(fires[:, 1] > 0, 0.25)
+    assert np.corrcoef(fires.T)[0, 1] > 0.1
+
+
+def test_exact_joint_distribution_matches_samples():
+    toy = ToySetting([0.25, 0.25, 0.25, 0.2], hierarchies=[Hierarchy(2, (3,))],
+                     conditionals=[ConditionalFiring(1, 0, 0.6, 0.1)])
+    states, probs = toy.joint_firing_distribution()
+    assert probs.sum() == pytest.approx(1.0)
+    fires = (toy.sample_feature_activations(N, seed=4) > 0).numpy().astype(float)
+    for state, p in zip(states, probs):
+        freq = (fires == state).all(axis=1).mean()
+        assert abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / N) + 1e-12
+
+
+def test_samples_are_sums_of_orthogonal_unit_features():
+    toy = conditional_pair(0.25, 0.2, 0.1)
+    feats = toy.features
+    assert torch.allclose(feats @ feats.T, torch.eye(2), atol=1e-5)
+    acts = toy.sample_feature_activations(100, seed=0)
+    assert torch.allclose(toy.feature_dict(acts), acts @ feats, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(firing_probabilities=[0.25, 1.2]), r"firing_probabilities\[1\]=1.2"),
+    (dict(firing_probabilities=[0.25, 0.2], conditionals=[ConditionalFiring(1, 0, 0.2, 0.1)], d_model=1), "d_model=1"),
+    (dict(firing_probabilities=[0.25, 0.2], hierarchies=[Hierarchy(0, (5,))]), "index 5"),
+])
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ParameterError, match=match):
+        ToySetting(**kwargs)
+
+
+def test_bad_conditional_probability_names_it():
+    with pytest.raises(ParameterError, match=r"P\(f1\|not f0\)=-0.1"):
+        ConditionalFiring(1, 0, 0.2, -0.1)
+
+
+def test_train_sae_is_cached_and_deterministic(tmp_path, monkeypatch, capsys):
+    toy = conditional_pair(0.25, 0.2, 0.0)
+    first = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    assert "trained" in capsys.readouterr().out
+    again = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    assert capsys.readouterr().out == ""  # loaded from the cache, not retrained
+    assert torch.equal(first.W_dec, again.W_dec)
+    monkeypatch.setenv("HEDGING_CACHE_DIR", str(tmp_path / "other"))
+    fresh = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    assert torch.equal(first.W_dec, fresh.W_dec)  # same seed, same numbers
+    assert not list((tmp_path / "other" / "toy_saes").glob(".*"))  # no temporary entries left
+
+
+def test_true_feature_init_starts_at_the_features():
+    toy = conditional_pair(0.25, 0.2, 0.1)
+    sae = train_sae(toy, 2, training_samples=1024, seed=0, l1_coefficient=1e-3, lr=1e-12)
+    cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ toy.features.T
+    assert torch.allclose(cos, torch.eye(2), atol=1e-4)
