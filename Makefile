@@ -5,7 +5,7 @@
 PYTHON ?= python3
 PROFILE ?= small
 # torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
-# On a GPU machine, override it: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+# On a GPU machine, point it at the CUDA build you want: make env TORCH="torch==2.13.0 --index-url <CUDA wheel index>"
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -203,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "small"), help="ci, small (default) or paper")
     parser.add_argument("only", nargs="*", help="notebook name prefixes, e.g. 01 (default: all)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output at INFO
+    for noisy in ("traitlets", "asyncio", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_notebooks(args.profile, args.only)
     return 0
 

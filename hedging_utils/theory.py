@@ -61,6 +61,16 @@ def mse_minimum_closed_form(p_parent_alone: float, p_both: float) -> float:
     return (b - np.sqrt(b * b - 4 * pa * pb)) / (2 * pa)
 
 
+def l2_has_merged_minimum(p_parent_alone: float, p_both: float) -> bool:
+    """Whether the tied latent's L2 loss has a local minimum at the merged latent (alpha = 0.5).
+
+    With l = (cos t, sin t), L2 = p_a sin t + p_b sqrt(2) |sin(t - 45 deg)|, which has a cusp at
+    t = 45 deg; its slope from the left there is p_a/sqrt(2) - p_b sqrt(2), so the cusp is a
+    local minimum exactly when p_a < 2 p_b.
+    """
+    return p_parent_alone < 2 * p_both
+
+
 def local_minima(x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
     """The local minima (x, y) of a sampled curve, endpoints included, lowest first."""
     y = np.asarray(y)

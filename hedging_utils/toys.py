@@ -287,6 +287,8 @@ def train_sae(
         start = time.perf_counter()
         with _seeded(seed):
             sae = make_sae(setting.d_model, d_sae, architecture, **sae_cfg)
+            if hasattr(sae.cfg, "check_training_steps"):
+                sae.cfg.check_training_steps(training_samples // batch_size)
             if init == "true_features":
                 init_sae_to_match_feature_dict(sae, setting.feature_dict)
                 sae.W_dec.data = sae.W_dec.data.contiguous()  # it is set to a transpose

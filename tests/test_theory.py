@@ -75,7 +75,13 @@ def test_l2_prefers_the_parent_when_it_mostly_fires_alone():
     alpha = np.linspace(0, 1, 10_001)
     minima = theory.local_minima(alpha, theory.tied_latent_losses(alpha, 0.3, 0.1)["l2"])
     assert minima[0][0] == 0.0
-    assert any(abs(a - 0.5) < 0.05 for a, _ in minima[1:])
+
+
+@pytest.mark.parametrize("pa,pb", [(0.3, 0.1), (0.15, 0.1), (0.1, 0.3), (0.25, 0.2)])
+def test_l2_has_a_minimum_at_the_merged_latent_iff_pa_below_twice_pb(pa, pb):
+    alpha = np.linspace(0, 1, 10_000 + 1)
+    minima = theory.local_minima(alpha, theory.tied_latent_losses(alpha, pa, pb)["l2"])
+    assert any(a == 0.5 for a, _ in minima) == theory.l2_has_merged_minimum(pa, pb) == (pa < 2 * pb)
 
 
 def test_loss_values_at_the_ends():
