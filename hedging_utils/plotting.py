@@ -116,8 +116,11 @@ def value_at(
     return float(sub[column].iloc[0])
 
 
-def off_diagonal_max(frame: pd.DataFrame, setting: str, vectors: Sequence[str] = ("encoder", "decoder")) -> float:
-    """Largest |cos| between plotted latent i and any feature j != i: 0 for a clean SAE."""
+def off_diagonal(
+    frame: pd.DataFrame, setting: str, vectors: Sequence[str] = ("encoder", "decoder"), how: str = "max"
+) -> float:
+    """Largest (``how="max"``) or mean (``"mean"``) |cos| between plotted latent i and the
+    features j != i: 0 for a clean SAE."""
     sub = frame[(frame["setting"] == setting) & frame["vector"].isin(vectors)]
-    off = sub[sub["latent"].astype(float) != sub["feature"].astype(float)]
-    return float(off["cos_sim"].abs().max())
+    off = sub[sub["latent"].astype(float) != sub["feature"].astype(float)]["cos_sim"].abs()
+    return float(off.max() if how == "max" else off.mean())

@@ -37,12 +37,23 @@ class Profile:
     Attributes:
         name: ``ci``, ``small`` or ``paper``.
         toy_samples: training samples per toy SAE (the paper trains each on 15M).
-        sweep_points: number of points in a parameter sweep (correlation, probability).
+        balance_samples: training samples per balance-matryoshka toy SAE (P8, P20: 100M in the paper).
+        beta_sweep_samples: training samples per SAE of the beta sweep (X-beta-sweep).
+        hedging_toy_samples: base and continued training samples per SAE of the hedging-degree
+            toy (P15: 3M + 3M in the paper).
+        growing_group_samples: samples between added groups of the growing toy SAE.
+        growing_total_samples: the budget every width of the growing toy SAE is trained to.
+        sweep_points: number of points in a parameter sweep (correlation, probability, beta).
         seeds: number of seeds where a figure reports spread over seeds.
     """
 
     name: str
     toy_samples: int
+    balance_samples: int
+    beta_sweep_samples: int
+    hedging_toy_samples: int
+    growing_group_samples: int
+    growing_total_samples: int
     sweep_points: int
     seeds: int
 
@@ -51,9 +62,15 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "ci": Profile(name="ci", toy_samples=200_000, sweep_points=3, seeds=1),
-    "small": Profile(name="small", toy_samples=15_000_000, sweep_points=11, seeds=3),
-    "paper": Profile(name="paper", toy_samples=15_000_000, sweep_points=11, seeds=3),
+    "ci": Profile(name="ci", toy_samples=200_000, balance_samples=200_000, beta_sweep_samples=200_000,
+                  hedging_toy_samples=102_400, growing_group_samples=51_200, growing_total_samples=512_000,
+                  sweep_points=3, seeds=1),
+    "small": Profile(name="small", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=15_000_000,
+                     hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
+                     sweep_points=11, seeds=3),
+    "paper": Profile(name="paper", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=100_000_000,
+                     hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
+                     sweep_points=11, seeds=5),
 }
 
 

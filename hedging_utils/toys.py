@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -36,10 +36,16 @@ from sae_lens.synthetic import (
     train_toy_sae,
 )
 
+import sae_lens.training.sae_trainer as trainer_module
+
 from hedging_utils.cache import cached_dir
 from hedging_utils.profiles import ParameterError, check_positive_int, check_probability
 
 CACHE_VERSION = 1
+
+Stream = Callable[[int], Iterator[torch.Tensor]]
+"""``stream(start_batch)`` yields training batches from batch index ``start_batch`` on; the
+same index always gives the same batch, so SAEs trained separately see identical data."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,17 @@ class ConditionalFiring:
 
 @dataclass(frozen=True)
 class Hierarchy:
-    """``children`` fire only when ``parent`` fires; optionally at most one child at a time."""
+    """``children`` fire only when ``parent`` fires; optionally at most one child at a time.
+
+    With ``parent_fires_with_any_child`` the dependency runs the other way: children fire
+    independently with their own probabilities and the parent fires exactly when at least one
+    child does (the post's 14-children toy), so the parent never fires alone.
+    """
 
     parent: int
     children: tuple[int, ...]
     mutually_exclusive: bool = False
+    parent_fires_with_any_child: bool = False
 
     def node(self) -> HierarchyNode:
         return HierarchyNode(
@@ -72,6 +84,22 @@ class Hierarchy:
             children=[HierarchyNode(feature_index=c) for c in self.children],
             mutually_exclusive_children=self.mutually_exclusive,
         )
+
+
+class AnyChildParentModifier:
+    """An SAELens ``ActivationsModifier``: each parent fires, with its own magnitude, exactly
+    when at least one of its children fires."""
+
+    def __init__(self, hierarchies: Sequence[Hierarchy]):
+        self.hierarchies = list(hierarchies)
+
+    def __call__(self, acts: torch.Tensor, generator: ActivationGenerator) -> torch.Tensor:
+        for h in self.hierarchies:
+            fires = (acts[:, list(h.children)] > 0).any(dim=1).to(acts.dtype)
+            mean = generator.mean_firing_magnitudes[h.parent]
+            std = generator.std_firing_magnitudes[h.parent]
+            acts[:, h.parent] = fires * (mean + std * torch.randn_like(fires))
+        return acts
 
 
 class ConditionalFiringModifier:
@@ -159,8 +187,11 @@ class ToySetting:
     @cached_property
     def generator(self) -> ActivationGenerator:
         modifiers: list[Any] = []
-        if self.hierarchies:
-            modifiers.append(hierarchy_modifier([h.node() for h in self.hierarchies]))
+        gated = [h for h in self.hierarchies if not h.parent_fires_with_any_child]
+        if gated:
+            modifiers.append(hierarchy_modifier([h.node() for h in gated]))
+        if len(gated) < len(self.hierarchies):
+            modifiers.append(AnyChildParentModifier([h for h in self.hierarchies if h.parent_fires_with_any_child]))
         if self.conditionals:
             modifiers.append(ConditionalFiringModifier(self.conditionals))
         corr = None if self.correlation_matrix is None else torch.tensor(self.correlation_matrix, dtype=torch.float32)
@@ -175,12 +206,27 @@ class ToySetting:
 
     def sample_feature_activations(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``n`` samples of feature activations a (shape [n, N]); x = a @ features."""
-        with _seeded(seed):
+        with seeded(seed):
             return self.generator.sample(n)
 
     def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``n`` training activations x (shape [n, D])."""
         return self.feature_dict(self.sample_feature_activations(n, seed))
+
+    def stream(self, batch_size: int, seed: int = 0) -> Stream:
+        """Deterministic training batches: batch i is drawn with seed (seed, i), so two SAEs
+        trained separately from the same batch index see identical data."""
+
+        def batches(start_batch: int = 0) -> Iterator[torch.Tensor]:
+            features = self.feature_dict  # built (by optimisation) outside no_grad
+            index = start_batch
+            while True:
+                with seeded(seed * 1_000_003 + index), torch.no_grad():
+                    batch = features(self.generator.sample(batch_size))
+                yield batch
+                index += 1
+
+        return batches
 
     def joint_firing_distribution(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact joint distribution of which features fire.
@@ -189,7 +235,9 @@ class ToySetting:
         probability. Exact for independent features, hierarchies without mutual exclusion and
         conditional firing; other settings raise ``NotImplementedError`` (sample instead).
         """
-        if self.correlation_matrix is not None or any(h.mutually_exclusive for h in self.hierarchies):
+        if self.correlation_matrix is not None or any(
+            h.mutually_exclusive or h.parent_fires_with_any_child for h in self.hierarchies
+        ):
             raise NotImplementedError("no closed-form joint distribution for this setting; sample it instead")
         n = self.num_features
         if n > 16:
@@ -232,6 +280,37 @@ def correlated_pair(p_f1: float, p_f2: float, rho: float, *, d_model: int = 50, 
     )
 
 
+def exclusive_children_base_probability(p_each: float, n_children: int) -> float:
+    """The base firing probability q that gives each of ``n_children`` mutually exclusive
+    children P(child | parent) = ``p_each`` under SAELens' rule (children are drawn
+    independently with q, and if several fire one of them is kept at random):
+    (1 - (1 - q)^n) / n = p_each."""
+    check_probability("p_each", p_each)
+    if n_children * p_each > 1:
+        raise ParameterError(f"p_each={p_each} is impossible for {n_children} mutually exclusive children (sum > 1).")
+    return 1 - (1 - n_children * p_each) ** (1 / n_children)
+
+
+def random_correlation_matrix(num_features: int, independent: int = 0, seed: int = 0) -> np.ndarray:
+    """A random correlation matrix for a Gaussian copula (the post's 20-feature toy) in which
+    the first ``independent`` features are mutually uncorrelated.
+
+    It is the normalised Gram matrix of random Gaussian vectors, one per feature, with the
+    first ``independent`` vectors made orthogonal, so it is a valid correlation matrix with
+    exactly zero correlation inside that block and random correlations everywhere else.
+    """
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((num_features, num_features))
+    if independent > 1:
+        q, _ = np.linalg.qr(vectors[:independent].T)
+        vectors[:independent] = q.T * np.linalg.norm(vectors[:independent], axis=1, keepdims=True)
+    gram = vectors @ vectors.T
+    scale = np.sqrt(np.diag(gram))
+    corr = gram / np.outer(scale, scale)
+    np.fill_diagonal(corr, 1.0)
+    return corr
+
+
 # ---------------------------------------------------------------------------------------
 # Training
 
@@ -253,6 +332,7 @@ def train_sae(
     seed: int = 0,
     architecture: str = "standard",
     init: Init = "true_features",
+    init_feature_order: Sequence[int] | None = None,
     lr: float = 3e-4,
     batch_size: int = 1024,
     label: str = "",
@@ -261,7 +341,8 @@ def train_sae(
     """Train an SAE of width ``d_sae`` on ``setting`` with SAELens' ``train_toy_sae``.
 
     ``init="true_features"`` starts latent i at true feature i (encoder = decoder = f_i, for
-    i < min(d_sae, N)); ``"random"`` keeps SAELens' default initialisation. Extra keyword
+    i < min(d_sae, N)), or at feature ``init_feature_order[i]`` (e.g. parents first for a
+    matryoshka SAE); ``"random"`` keeps SAELens' default initialisation. Extra keyword
     arguments go to the SAE config (e.g. ``l1_coefficient``, ``k``). The trained SAE is cached
     on disk under a key of all these settings, so a rerun loads it instead of training again.
     """
@@ -276,7 +357,7 @@ def train_sae(
         "sae_cfg": sae_cfg,
         "training_samples": training_samples,
         "seed": seed,
-        "init": init,
+        "init": init if init_feature_order is None else [init, list(init_feature_order)],
         "lr": lr,
         "batch_size": batch_size,
         "sae_lens": sae_lens_version,
@@ -285,14 +366,15 @@ def train_sae(
 
     def build(path: Path) -> None:
         start = time.perf_counter()
-        with _seeded(seed):
+        with seeded(seed):
             sae = make_sae(setting.d_model, d_sae, architecture, **sae_cfg)
             if hasattr(sae.cfg, "check_training_steps"):
                 sae.cfg.check_training_steps(training_samples // batch_size)
             if init == "true_features":
-                init_sae_to_match_feature_dict(sae, setting.feature_dict)
+                order = None if init_feature_order is None else torch.tensor(list(init_feature_order))
+                init_sae_to_match_feature_dict(sae, setting.feature_dict, feature_ordering=order)
                 sae.W_dec.data = sae.W_dec.data.contiguous()  # it is set to a transpose
-            with _quiet_trainer():
+            with quiet_progress(trainer_module):
                 train_toy_sae(
                     sae, setting.feature_dict, setting.generator,
                     training_samples=training_samples, batch_size=batch_size, lr=lr,
@@ -306,7 +388,7 @@ def train_sae(
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
+def seeded(seed: int | None) -> Iterator[None]:
     """Seed torch's global RNG (which SAELens' generator and initialisers use) for a block,
     restoring the previous state afterwards."""
     if seed is None:
@@ -321,18 +403,17 @@ def _seeded(seed: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_trainer() -> Iterator[None]:
-    """Silence SAELens' per-step progress bar; ``train_sae`` prints one line per SAE instead."""
+def quiet_progress(module: Any) -> Iterator[None]:
+    """Silence the tqdm progress bar of a SAELens trainer ``module`` for a block; the
+    training functions here print one line per SAE instead."""
     import functools
 
-    import sae_lens.training.sae_trainer as trainer_module
-
-    original = trainer_module.tqdm
-    trainer_module.tqdm = functools.partial(original, disable=True)  # type: ignore[assignment]
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        trainer_module.tqdm = original
+        module.tqdm = original
 
 
 def _per_feature(value: float | Sequence[float], n: int) -> torch.Tensor:

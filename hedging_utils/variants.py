@@ -187,11 +187,19 @@ class BalanceMatryoshkaMixin:
 
 @dataclass
 class BalanceMatryoshkaStandardTrainingSAEConfig(StandardTrainingSAEConfig, BalanceMatryoshkaOptions):
-    """A ReLU + L1 SAE with balance-matryoshka levels and a choice of reconstruction loss."""
+    """A ReLU + L1 SAE with balance-matryoshka levels and a choice of reconstruction loss.
+
+    ``l1_floor``: the L1 coefficient never goes below this during its warm-up (lambda_min of
+    the paper's A.7.1, used when re-warming an extended SAE); 0 is SAELens' plain warm-up.
+    """
+
+    l1_floor: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_options(self.d_sae)
+        if not 0 <= self.l1_floor <= self.l1_coefficient:
+            raise ParameterError(f"l1_floor={self.l1_floor} must lie in [0, l1_coefficient={self.l1_coefficient}].")
 
     @override
     @classmethod
@@ -210,7 +218,8 @@ class BalanceMatryoshkaStandardTrainingSAE(BalanceMatryoshkaMixin, StandardTrain
     def level_sparsity(self, step_input: TrainStepInput, feature_acts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         # SAELens' standard L1 penalty (activations weighted by decoder norms), on latents [start, stop)
         weighted = feature_acts[:, start:stop] * self.W_dec[start:stop].norm(dim=1)
-        return (step_input.coefficients["l1"] * weighted.norm(p=self.cfg.lp_norm, dim=-1)).mean()
+        coefficient = max(step_input.coefficients["l1"], self.cfg.l1_floor)
+        return (coefficient * weighted.norm(p=self.cfg.lp_norm, dim=-1)).mean()
 
     @override
     def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out) -> dict[str, torch.Tensor]:  # type: ignore[override]

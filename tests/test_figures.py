@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from hedging_utils.figures import FigureWriter, check, read_manifest
-from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal_max, similarity_frame, value_at
+from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
 from hedging_utils.profiles import PROFILES
 from hedging_utils.toys import make_sae
 
@@ -60,5 +60,5 @@ def test_similarity_frame_has_the_tidy_schema():
     assert value_at(frame, "s", "decoder", 0, 0) == pytest.approx(1.0)
     assert value_at(frame, "s", "decoder", 0, 0, "projection") == pytest.approx(2.0)
     assert value_at(frame, "s", "b_dec", None, 3, "projection") == pytest.approx(0.2)
-    assert off_diagonal_max(frame, "s") == pytest.approx(0.0)
+    assert off_diagonal(frame, "s") == pytest.approx(0.0)
     heatmap_grid(frame, ["s"])

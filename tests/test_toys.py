@@ -4,7 +4,8 @@ import torch
 
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import (
-    ConditionalFiring, Hierarchy, ToySetting, conditional_pair, correlated_pair, train_sae,
+    ConditionalFiring, Hierarchy, ToySetting, conditional_pair, correlated_pair, exclusive_children_base_probability,
+    random_correlation_matrix, train_sae,
 )
 
 N = 400_000
@@ -97,3 +98,29 @@ def test_true_feature_init_starts_at_the_features():
     sae = train_sae(toy, 2, training_samples=1024, seed=0, l1_coefficient=1e-3, lr=1e-12)
     cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ toy.features.T
     assert torch.allclose(cos, torch.eye(2), atol=1e-4)
+
+
+def test_exclusive_children_fire_with_the_requested_conditional_probability():
+    q = exclusive_children_base_probability(0.4, 2)
+    toy = ToySetting([0.3, q, q], hierarchies=[Hierarchy(0, (1, 2), mutually_exclusive=True)])
+    fires = (toy.sample_feature_activations(N, seed=5) > 0).numpy()
+    parent = fires[:, 0]
+    assert not (fires[:, 1] & fires[:, 2]).any()
+    for child in (1, 2):
+        assert _within_sampling_error(fires[parent, child], 0.4)
+        assert not (fires[:, child] & ~parent).any()
+
+
+def test_parent_fires_exactly_with_any_child():
+    toy = ToySetting([0.5] + [0.02] * 14, hierarchies=[Hierarchy(0, tuple(range(1, 15)), parent_fires_with_any_child=True)])
+    fires = (toy.sample_feature_activations(N, seed=6) > 0).numpy()
+    assert (fires[:, 0] == fires[:, 1:].any(axis=1)).all()
+    assert _within_sampling_error(fires[:, 0], 1 - 0.98**14)
+
+
+def test_random_correlation_matrix_keeps_the_independent_block_uncorrelated():
+    corr = random_correlation_matrix(20, independent=5, seed=0)
+    assert np.allclose(corr, corr.T) and np.allclose(np.diag(corr), 1)
+    assert np.linalg.eigvalsh(corr).min() > -1e-9
+    assert np.abs(corr[:5, :5] - np.eye(5)).max() < 1e-12
+    assert np.abs(corr[5:, :5]).max() > 0.1

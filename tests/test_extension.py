@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+import hedging_utils.variants  # noqa: F401
+from hedging_utils.extension import control_and_extended, continue_training, extend_sae
+from hedging_utils.metrics import hedging_degree, hedging_degree_from_decoders, projection_norms
+from hedging_utils.profiles import ParameterError
+from hedging_utils.toys import ToySetting, conditional_pair, make_sae
+
+
+def _unit(w):
+    return w / np.linalg.norm(w, axis=1, keepdims=True)
+
+
+def test_h_is_zero_when_the_original_latents_do_not_change():
+    rng = np.random.default_rng(0)
+    control = rng.standard_normal((20, 50))
+    extended = np.concatenate([control * 3.0, rng.standard_normal((4, 50))])  # same directions, other norms
+    result = hedging_degree_from_decoders(control, extended)
+    assert result.h == pytest.approx(0.0, abs=1e-12)
+    assert np.allclose(result.delta_norm, 0)
+
+
+def test_a_change_inside_the_new_span_projects_with_its_full_norm():
+    rng = np.random.default_rng(1)
+    new = rng.standard_normal((3, 40))
+    delta = rng.standard_normal((5, 3)) @ new  # every row lies in the span of the new latents
+    assert np.allclose(projection_norms(delta, new), np.linalg.norm(delta, axis=1))
+    control = _unit(rng.standard_normal((5, 40)))
+    extended = np.concatenate([control + 0.01 * delta, new])
+    result = hedging_degree_from_decoders(control, extended)
+    assert result.portion_new > 0.95  # renormalising the rows adds a small part along each row itself
+    assert result.h > 0
+
+
+def test_random_baseline_matches_random_subspace_theory():
+    rng = np.random.default_rng(2)
+    d, n = 400, 16
+    control = _unit(rng.standard_normal((200, d)))
+    after = _unit(control + 0.05 * rng.standard_normal((200, d)))
+    extended = np.concatenate([after, rng.standard_normal((n, d))])
+    result = hedging_degree_from_decoders(control, extended, n_random_draws=20)
+    expected = np.sqrt(n / d) * result.delta_norm
+    assert result.projection_random.mean() == pytest.approx(expected.mean(), rel=0.1)
+    assert result.portion_random == pytest.approx(n / d, rel=0.1)
+    assert abs(result.h) < 3 * result.h_random_spread + 0.02 * expected.mean()  # a random change is not hedging
+
+
+@pytest.mark.parametrize("architecture,cfg", [
+    ("standard", dict(l1_coefficient=1e-3)),
+    ("batchtopk", dict(k=3)),
+    ("balance_matryoshka_standard", dict(l1_coefficient=1e-3, matryoshka_widths=[2])),
+    ("balance_matryoshka_batchtopk", dict(k=3, matryoshka_widths=[2])),
+])
+def test_extension_keeps_the_original_latents(architecture, cfg):
+    torch.manual_seed(0)
+    sae = make_sae(12, 6, architecture, **cfg)
+    with torch.no_grad():  # a trained SAE's latents are much larger than the new ones (norm 0.1)
+        sae.b_enc.normal_(0, 0.1)
+        sae.W_dec.mul_(10)
+        sae.W_enc.mul_(10)
+    extended = extend_sae(sae, 3, seed=1)
+    assert extended.cfg.d_sae == 9 and type(extended) is type(sae)
+    assert torch.equal(extended.W_dec[:6], sae.W_dec) and torch.equal(extended.W_enc[:, :6], sae.W_enc)
+    new_dec, new_enc = extended.W_dec[6:], extended.W_enc[:, 6:].T
+    assert torch.allclose(new_dec.norm(dim=1), torch.full((3,), 0.1))
+    assert torch.equal(new_dec, new_enc)  # encoder = decoder direction
+    if "matryoshka" in architecture:
+        assert extended.cfg.matryoshka_widths == [2, 9]
+    x = torch.randn(256, 12)
+    before, after = sae.encode(x), extended.encode(x)
+    if "topk" in architecture:  # the batch-wide top-k can, rarely, give a slot to a new latent
+        assert torch.isclose(after[:, :6], before, atol=1e-6).float().mean() > 0.99
+    else:
+        assert torch.allclose(after[:, :6], before, atol=1e-6)  # (a wider matmul may round differently)
+
+
+def test_extension_refuses_fewer_than_one_latent():
+    sae = make_sae(12, 6, "standard", l1_coefficient=1e-3)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ParameterError, match=f"n_new={bad!r}"):
+            extend_sae(sae, bad)
+
+
+def test_l1_rewarmup_with_floor():
+    sae = make_sae(12, 6, "balance_matryoshka_standard", l1_coefficient=5.0)
+    extended = extend_sae(sae, 2, l1_rewarmup_steps=100, l1_floor=1.0)
+    assert extended.cfg.l1_warm_up_steps == 100 and extended.cfg.l1_floor == 1.0
+    low = extend_sae(make_sae(12, 6, "balance_matryoshka_standard", l1_coefficient=0.5), 2, l1_rewarmup_steps=100, l1_floor=1.0)
+    assert low.cfg.l1_warm_up_steps == 0  # already at or below the floor: no warm-up
+    with pytest.raises(ParameterError, match="floor"):
+        extend_sae(make_sae(12, 6, "standard", l1_coefficient=5.0), 2, l1_rewarmup_steps=100, l1_floor=1.0)
+
+
+def test_streams_repeat_batches_by_index():
+    stream = conditional_pair(0.25, 0.2, 0.1).stream(batch_size=8, seed=3)
+    a, b = stream(5), stream(5)
+    assert torch.equal(next(a), next(b))
+    first = stream(0)
+    next(first)
+    assert not torch.equal(next(first), next(stream(5)))
+
+
+def test_control_and_extended_see_identical_batches():
+    toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
+    base = make_sae(8, 2, "standard", l1_coefficient=1e-3)
+    pair = control_and_extended(base, 1, toy.stream(64, seed=0), training_samples=64 * 20, batch_size=64)
+    alone = continue_training(base, toy.stream(64, seed=0), training_samples=64 * 20, batch_size=64)
+    assert torch.allclose(pair.control.W_dec, alone.W_dec)  # the control is plain continued training
+    assert pair.extended.cfg.d_sae == 3
+    degree = hedging_degree(pair.control, pair.extended)
+    assert np.isfinite(degree.h)
+
+
+def test_extension_pairs_are_cached(capsys):
+    toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
+    base = make_sae(8, 2, "standard", l1_coefficient=1e-3)
+    kwargs = dict(training_samples=64 * 10, batch_size=64, cache_key={"toy": toy.to_dict(), "seed": 0})
+    first = control_and_extended(base, 1, toy.stream(64, seed=0), **kwargs)
+    again = control_and_extended(base, 1, toy.stream(64, seed=0), **kwargs)
+    assert torch.equal(first.extended.W_dec, again.extended.W_dec)
