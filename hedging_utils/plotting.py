@@ -124,3 +124,11 @@ def off_diagonal(
     sub = frame[(frame["setting"] == setting) & frame["vector"].isin(vectors)]
     off = sub[sub["latent"].astype(float) != sub["feature"].astype(float)]["cos_sim"].abs()
     return float(off.max() if how == "max" else off.mean())
+
+
+def latent_for_feature(frame: pd.DataFrame, setting: str, feature: int) -> int:
+    """The plotted latent whose decoder is most aligned with ``feature`` (the reordering is a
+    best match per latent, so when several latents share a best feature, plotted latent i need
+    not track feature i)."""
+    sub = frame[(frame["setting"] == setting) & (frame["vector"] == "decoder") & (frame["feature"] == feature)]
+    return int(sub.loc[sub["cos_sim"].idxmax(), "latent"])
