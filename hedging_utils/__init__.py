@@ -13,4 +13,6 @@ Modules, one concept each:
 - ``cache``: settings-keyed, atomically written disk cache.
 """
 
+from hedging_utils import variants as _variants  # noqa: F401  (registers the SAE architectures with SAELens)
+
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from hedging_utils.cache import cached_dir
+from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import Stream, quiet_progress, seeded
 
@@ -115,10 +116,6 @@ class ExtensionPair:
     extended: TrainingSAE[Any]
     n_new: int
 
-    @property
-    def n_original(self) -> int:
-        return self.control.cfg.d_sae
-
 
 def control_and_extended(
     base: TrainingSAE[Any],
@@ -192,7 +189,7 @@ class GrowthStep:
     width_after: int
     added_at_sample: int
     pair: ExtensionPair
-    degree: Any  # hedging_utils.metrics.HedgingDegree
+    degree: HedgingDegree
 
 
 def grow_sae(
@@ -219,8 +216,6 @@ def grow_sae(
     control/extended pair), so every width is trained on the same total budget and the change
     of the existing latents is due to the group alone.
     """
-    from hedging_utils.metrics import hedging_degree
-
     if samples_per_group % batch_size or total_samples % batch_size:
         raise ParameterError("samples_per_group and total_samples must be multiples of batch_size.")
     steps: list[GrowthStep] = []

@@ -209,10 +209,6 @@ class ToySetting:
         with seeded(seed):
             return self.generator.sample(n)
 
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``n`` training activations x (shape [n, D])."""
-        return self.feature_dict(self.sample_feature_activations(n, seed))
-
     def stream(self, batch_size: int, seed: int = 0) -> Stream:
         """Deterministic training batches: batch i is drawn with seed (seed, i), so two SAEs
         trained separately from the same batch index see identical data."""

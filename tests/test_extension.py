@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-import hedging_utils.variants  # noqa: F401
 from hedging_utils.extension import control_and_extended, continue_training, extend_sae
 from hedging_utils.metrics import hedging_degree, hedging_degree_from_decoders, projection_norms
 from hedging_utils.profiles import ParameterError

@@ -2,7 +2,6 @@ import pytest
 import torch
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
 
-import hedging_utils.variants  # noqa: F401  (registers the architectures)
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import conditional_pair, make_sae, train_sae
 from hedging_utils.variants import reconstruction_loss
