@@ -2,6 +2,7 @@
 #   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
 #   make test      unit tests + notebook validation (nbval) on the fast `ci` profile
 #   make lab       open JupyterLab on the notebooks
+#   make benchmark activation-caching throughput of the default model against this machine's matmul speed
 PYTHON ?= python3
 PROFILE ?= small
 # torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
@@ -10,7 +11,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env figures test unit notebooks lab clean-cache
+.PHONY: env figures test unit notebooks lab benchmark clean-cache
 
 env: $(VENV)/.installed
 
@@ -31,6 +32,9 @@ unit: env
 
 notebooks: env
 	HEDGING_PROFILE=ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+
+benchmark: env
+	$(BIN)/python benchmarks/activation_caching.py
 
 lab: env
 	$(BIN)/jupyter lab notebooks

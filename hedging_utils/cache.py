@@ -23,7 +23,7 @@ COMPLETE_MARKER = "settings.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, REPO_ROOT / "data" / "cache"))
+    return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / "data" / "cache")
 
 
 def settings_key(settings: dict[str, Any]) -> str:

@@ -221,8 +221,6 @@ def grow_sae(
     control/extended pair), so every width is trained on the same total budget and the change
     of the existing latents is due to the group alone.
     """
-    if samples_per_group % batch_size or total_samples % batch_size:
-        raise ParameterError("samples_per_group and total_samples must be multiples of batch_size.")
     steps: list[GrowthStep] = []
     current, k = base, 1
     while current.cfg.d_sae + group_size <= max_width:

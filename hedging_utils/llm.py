@@ -544,12 +544,11 @@ def measure_hedging(
 ) -> HedgingMeasurement:
     """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
-    batches for both), and measure the hedging degree. Every SAE is cached."""
+    batches for both), and measure the hedging degree. Token counts are used in whole batches.
+    Every SAE is cached."""
     from hedging_utils.extension import control_and_extended
     from hedging_utils.metrics import hedging_degree
 
-    if base_tokens % batch_size:
-        raise ParameterError(f"base_tokens={base_tokens} must be a multiple of batch_size={batch_size}.")
     base = train_llm_sae(source, width, training_tokens=base_tokens, architecture=architecture, seed=seed, lr=lr,
                          batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}", **sae_cfg)
     pair = control_and_extended(

@@ -4,9 +4,10 @@ Every notebook takes a ``profile`` parameter. A profile only changes numbers (ho
 samples, how many sweep points), never the code that runs:
 
 - ``ci``: seconds per notebook, for the test suite. Numbers are too small to show the claims.
-- ``small`` (default): a CPU, offline. Toy figures at the paper's own settings.
+- ``small`` (default): a CPU, offline, every notebook within an hour on 2 cores. Toy figures
+  at the paper's settings with smaller training budgets; LLM figures on Gemma 3 270M.
 - ``paper``: the paper's exact settings (its models, tokens, widths, seeds); needs a GPU and
-  the model/data hubs for the LLM figures. Toy figures are the same as ``small``.
+  the model/data hubs for the LLM figures.
 
 Papermill sets ``profile`` in the notebook's ``parameters`` cell; nbval cannot inject
 parameters, so a notebook left at ``profile = None`` reads ``$HEDGING_PROFILE``.
@@ -150,9 +151,9 @@ SMALL_LLM = LLMScale(
     models=(LLMModel("gemma-3-270m", 9, 1.5),), layers=(3, 6, 9), corpus="offline", context_size=128,
     shard_sequences=128, cached_tokens=327_680, base_tokens=983_040, continued_tokens=327_680, batch_size=1024,
     lr_batchtopk=1e-3, lr_l1=3e-3, l1_warm_up_steps=160,
-    widths=(32, 64, 128, 256), width=256, n_new=16, k=25,
+    widths=(32, 64, 128, 256), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
-    growing_start=32, growing_group=32, growing_max=256, growing_group_tokens=81_920, growing_total_tokens=737_280,
+    growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,
     growing_l1_coefficient=1.5, seeds=2,
 )
 
@@ -169,9 +170,11 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_samples=200_000, balance_samples=200_000, beta_sweep_samples=200_000,
                   hedging_toy_samples=102_400, growing_group_samples=51_200, growing_total_samples=512_000,
                   sweep_points=3, seeds=1, llm=CI_LLM),
-    "small": Profile(name="small", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=15_000_000,
-                     hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=3, llm=SMALL_LLM),
+    # Budgets cut so that every notebook together runs within an hour on 2 CPU cores; the
+    # paper's are in "paper" (15M samples per toy SAE, 100M for balance matryoshka, 3M + 3M for P15).
+    "small": Profile(name="small", toy_samples=8_000_000, balance_samples=20_000_000, beta_sweep_samples=8_000_000,
+                     hedging_toy_samples=2_048_000, growing_group_samples=512_000, growing_total_samples=7_680_000,
+                     sweep_points=7, seeds=2, llm=SMALL_LLM),
     "paper": Profile(name="paper", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=100_000_000,
                      hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
                      sweep_points=11, seeds=5, llm=PAPER_LLM),

@@ -1,0 +1,70 @@
+"""Activation-caching throughput of the default model and layer, against this machine's matmul speed.
+
+    python benchmarks/activation_caching.py [--tokens 32768] [--layer 9]
+
+Caches activations of the offline corpus with ``hedging_utils.llm.cache_activations`` (into a
+temporary cache folder, so nothing is reused), and prints tokens/s, the model's arithmetic per
+token up to that layer, the FLOP/s this reaches, and the fraction of the FLOP/s of a plain
+float32 matrix multiply of similar shape measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from hedging_utils import llm
+from hedging_utils.profiles import PROFILES
+
+
+def matmul_flops(n: int = 4096, d: int = 640, h: int = 2048, repeats: int = 20) -> float:
+    a, b = torch.randn(n, d), torch.randn(d, h)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n * d * h * repeats / (time.perf_counter() - start)
+
+
+def flops_per_token(model, layer: int, context_size: int) -> float:
+    """2 x the weights of blocks 0..layer (each weight is one multiply-add per token) plus the
+    attention scores and mixing over an average causal context of context_size / 2."""
+    weights = sum(p.numel() for block in model.blocks[: layer + 1] for name, p in block.named_parameters() if p.ndim >= 2)
+    attention = (layer + 1) * 2 * 2 * (context_size / 2) * model.cfg.n_heads * model.cfg.d_head
+    return 2 * weights + attention
+
+
+def main() -> None:
+    small = PROFILES["small"].llm
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=small.models[0].name)
+    parser.add_argument("--layer", type=int, default=small.models[0].layer)
+    parser.add_argument("--tokens", type=int, default=32_768)
+    parser.add_argument("--context-size", type=int, default=small.context_size)
+    args = parser.parse_args()
+
+    print(f"torch threads: {torch.get_num_threads()}")
+    model = llm.load_model(args.model)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["HEDGING_CACHE_DIR"] = cache
+        start = time.perf_counter()
+        llm.cache_activations(args.model, [args.layer], "offline", context_size=args.context_size, n_tokens=args.tokens,
+                              shard_sequences=small.shard_sequences, loaded_model=model, progress=False)
+        elapsed = time.perf_counter() - start
+    tokens = -(-args.tokens // (small.shard_sequences * args.context_size)) * small.shard_sequences * args.context_size
+    per_token = flops_per_token(model, args.layer, args.context_size)
+    achieved = tokens / elapsed * per_token
+    peak = matmul_flops(d=model.cfg.d_model)
+    print(f"{args.model} layer {args.layer}, context {args.context_size}: {tokens:,} tokens in {elapsed:.1f}s "
+          f"= {tokens / elapsed:,.0f} tokens/s")
+    print(f"model arithmetic: {per_token / 1e6:.1f} MFLOP/token -> {achieved / 1e9:.1f} GFLOP/s")
+    print(f"float32 matmul on this machine: {peak / 1e9:.1f} GFLOP/s; caching reaches {100 * achieved / peak:.0f}% of it")
+
+
+if __name__ == "__main__":
+    main()

