@@ -77,22 +77,30 @@ def extend_sae(
     return extended
 
 
-def trainer_config(training_samples: int, batch_size: int, lr: float, device: str = "cpu") -> SAETrainerConfig:
+DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
+
+
+def trainer_config(
+    training_samples: int, batch_size: int, lr: float, device: str = "cpu", dead_feature_window: int = DEAD_FEATURE_WINDOW
+) -> SAETrainerConfig:
     """SAELens' trainer settings for continued training: constant learning rate, no logging
-    (the same as SAELens' ``train_toy_sae``)."""
+    (the same as SAELens' ``train_toy_sae``). A latent that has not fired for
+    ``dead_feature_window`` steps counts as dead, which switches on the TopK/BatchTopK
+    auxiliary loss (AuxK) that revives it; short runs need a short window."""
     return SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
         total_training_samples=training_samples, device=device, autocast=False,
         lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=0, adam_beta1=0.9, adam_beta2=0.999,
         lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=batch_size,
-        dead_feature_window=1000, feature_sampling_window=2000,
+        dead_feature_window=dead_feature_window, feature_sampling_window=2000,
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
         n_batches_for_norm_estimate=1000,
     )
 
 
 def train_in_lockstep(
-    saes: dict[str, TrainingSAE[Any]], batches: Iterator[torch.Tensor], training_samples: int, batch_size: int, lr: float
+    saes: dict[str, TrainingSAE[Any]], batches: Iterator[torch.Tensor], training_samples: int, batch_size: int, lr: float,
+    dead_feature_window: int = DEAD_FEATURE_WINDOW,
 ) -> dict[str, TrainingSAE[Any]]:
     """Train several SAEs on one shared stream (SAELens' ``MultiSAETrainer``): every batch
     goes to every SAE, each with its own optimizer."""
@@ -100,7 +108,7 @@ def train_in_lockstep(
 
     with quiet_progress(trainer_module):
         trainer = MultiSAETrainer(
-            cfg=trainer_config(training_samples, batch_size, lr),
+            cfg=trainer_config(training_samples, batch_size, lr, dead_feature_window=dead_feature_window),
             saes=saes,
             hook_names={name: "x" for name in saes},
             data_provider=({"x": batch} for batch in batches),
@@ -128,6 +136,7 @@ def control_and_extended(
     lr: float = 3e-4,
     seed: int = 0,
     cache_key: dict[str, Any] | None = None,
+    dead_feature_window: int = DEAD_FEATURE_WINDOW,
     **extend_kwargs: Any,
 ) -> ExtensionPair:
     """Continue ``base`` as a control and, in lockstep on the same batches, an extension of it
@@ -141,7 +150,7 @@ def control_and_extended(
     def train() -> dict[str, TrainingSAE[Any]]:
         saes = {"control": _copy(base), "extended": extend_sae(base, n_new, seed=seed, **extend_kwargs)}
         with seeded(seed):
-            return train_in_lockstep(saes, stream(start_batch), training_samples, batch_size, lr)
+            return train_in_lockstep(saes, stream(start_batch), training_samples, batch_size, lr, dead_feature_window)
 
     if cache_key is None:
         trained = train()
@@ -153,6 +162,8 @@ def control_and_extended(
 
     settings = {"stream": cache_key, "base": weights_hash(base), "n_new": n_new, "samples": training_samples,
                 "start_batch": start_batch, "batch_size": batch_size, "lr": lr, "seed": seed, "extend": extend_kwargs}
+    if dead_feature_window != DEAD_FEATURE_WINDOW:
+        settings["dead_feature_window"] = dead_feature_window
     path = cached_dir("extension_pairs", settings, build)
     return ExtensionPair(TrainingSAE.load_from_disk(path / "control"), TrainingSAE.load_from_disk(path / "extended"), n_new)
 
@@ -211,6 +222,7 @@ def grow_sae(
     cache_key: dict[str, Any] | None = None,
     n_random_draws: int = 10,
     progress: Callable[[str], None] = print,
+    dead_feature_window: int = DEAD_FEATURE_WINDOW,
 ) -> list[GrowthStep]:
     """Grow ``base`` (trained on the first ``samples_per_group`` samples of ``stream``) by
     ``group_size`` latents every ``samples_per_group`` samples up to ``max_width``, training
@@ -232,14 +244,15 @@ def grow_sae(
         width = current.cfg.d_sae
         pair = control_and_extended(
             current, group_size, stream, training_samples=total_samples - start, start_batch=start // batch_size,
-            batch_size=batch_size, lr=lr, seed=seed + k, cache_key=cache_key,
+            batch_size=batch_size, lr=lr, seed=seed + k, cache_key=cache_key, dead_feature_window=dead_feature_window,
         )
         degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed + k)
         steps.append(GrowthStep(width, width + group_size, start, pair, degree))
         progress(f"  grew {width} -> {width + group_size} at sample {start:,}: portion of the change in the new "
                  f"latents' span {degree.portion_new:.3f} (random span {degree.portion_random:.3f})")
         if width + 2 * group_size <= max_width:  # the growing SAE itself, trained until the next group
-            current = _next_stage(current, group_size, stream, start, samples_per_group, batch_size, lr, seed + k, cache_key)
+            current = _next_stage(current, group_size, stream, start, samples_per_group, batch_size, lr, seed + k, cache_key,
+                                  dead_feature_window)
         else:
             break
         k += 1
@@ -248,18 +261,21 @@ def grow_sae(
 
 def _next_stage(
     sae: TrainingSAE[Any], group_size: int, stream: Stream, start: int, samples: int, batch_size: int, lr: float,
-    seed: int, cache_key: dict[str, Any] | None,
+    seed: int, cache_key: dict[str, Any] | None, dead_feature_window: int = DEAD_FEATURE_WINDOW,
 ) -> TrainingSAE[Any]:
     """The growing SAE after adding a group at ``start`` and training it for ``samples``: the
     same extension (same seed) and batches as the extended SAE of that group's pair."""
     def train() -> TrainingSAE[Any]:
         extended = extend_sae(sae, group_size, seed=seed)
         with seeded(seed):
-            return train_in_lockstep({"extended": extended}, stream(start // batch_size), samples, batch_size, lr)["extended"]
+            return train_in_lockstep({"extended": extended}, stream(start // batch_size), samples, batch_size, lr,
+                                     dead_feature_window)["extended"]
 
     if cache_key is None:
         return train()
     settings = {"stream": cache_key, "base": weights_hash(sae), "group": group_size, "start": start, "samples": samples,
                 "batch_size": batch_size, "lr": lr, "seed": seed}
+    if dead_feature_window != DEAD_FEATURE_WINDOW:
+        settings["dead_feature_window"] = dead_feature_window
     path = cached_dir("growing_stages", settings, lambda p: train().save_model(p))
     return TrainingSAE.load_from_disk(path)

@@ -458,6 +458,7 @@ def train_llm_sae(
     batch_size: int = 4096,
     stream_seed: int = 0,
     label: str = "",
+    dead_feature_window: int = 1000,
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
     """Train a fresh SAE (any registered SAELens architecture; ``sae_cfg`` goes to its config,
@@ -470,13 +471,14 @@ def train_llm_sae(
     check_positive_int("training_tokens", training_tokens)
     settings = {"activations": source.settings, "d_sae": d_sae, "architecture": architecture, "sae_cfg": sae_cfg,
                 "training_tokens": training_tokens, "seed": seed, "lr": lr, "batch_size": batch_size,
-                "stream_seed": stream_seed, "sae_lens": sae_lens_version}
+                "stream_seed": stream_seed, "dead_feature_window": dead_feature_window, "sae_lens": sae_lens_version}
 
     def build(path: Path) -> None:
         start = time.perf_counter()
         with seeded(seed):
             sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
-            trained = train_in_lockstep({"sae": sae}, source.stream(batch_size, stream_seed)(0), training_tokens, batch_size, lr)
+            trained = train_in_lockstep({"sae": sae}, source.stream(batch_size, stream_seed)(0), training_tokens, batch_size, lr,
+                                        dead_feature_window)
         trained["sae"].save_model(path)
         print(f"  trained {label or architecture} width {d_sae} on {training_tokens:,} tokens in "
               f"{time.perf_counter() - start:.0f}s", flush=True)
@@ -537,24 +539,28 @@ def measure_hedging(
     continued_tokens: int,
     batch_size: int,
     lr: float,
+    continued_lr: float | None = None,
     seed: int = 0,
     n_random_draws: int = 10,
+    dead_feature_window: int = 1000,
     extend_kwargs: dict[str, Any] | None = None,
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
     """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
-    batches for both), and measure the hedging degree. Token counts are used in whole batches.
-    Every SAE is cached."""
+    batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
+    Token counts are used in whole batches. Every SAE is cached."""
     from hedging_utils.extension import control_and_extended
     from hedging_utils.metrics import hedging_degree
 
     base = train_llm_sae(source, width, training_tokens=base_tokens, architecture=architecture, seed=seed, lr=lr,
-                         batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}", **sae_cfg)
+                         batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}",
+                         dead_feature_window=dead_feature_window, **sae_cfg)
     pair = control_and_extended(
         base, n_new, source.stream(batch_size, seed), training_samples=continued_tokens,
-        start_batch=base_tokens // batch_size, batch_size=batch_size, lr=lr, seed=seed,
-        cache_key={"activations": source.settings, "batch_size": batch_size, "stream_seed": seed},
+        start_batch=base_tokens // batch_size, batch_size=batch_size, lr=lr if continued_lr is None else continued_lr,
+        seed=seed, cache_key={"activations": source.settings, "batch_size": batch_size, "stream_seed": seed},
+        dead_feature_window=dead_feature_window,
         **(extend_kwargs or {}),
     )
     degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)

@@ -55,7 +55,12 @@ class LLMScale:
         base_tokens: training tokens of a base SAE.
         continued_tokens: training tokens of the control and extended SAEs after the base.
         batch_size: activations per training batch.
-        lr_batchtopk, lr_l1: learning rates.
+        lr_batchtopk, lr_l1: learning rates of base SAEs.
+        continued_lr_batchtopk, continued_lr_l1: learning rates of the continued control and
+            extended SAEs.
+        dead_feature_window: steps without firing after which a latent counts as dead, which
+            switches on BatchTopK's auxiliary loss (AuxK) that revives it (SAELens: 1000).
+        case_study_arch: ``btk`` or ``l1``, the SAE of the case study (P17-P19).
         l1_warm_up_steps: linear L1 warm-up of L1 SAEs.
         widths: base widths of hedging degree vs width.
         width: the width of every other LLM SAE (the paper's 8,192).
@@ -81,6 +86,10 @@ class LLMScale:
     batch_size: int
     lr_batchtopk: float
     lr_l1: float
+    continued_lr_batchtopk: float
+    continued_lr_l1: float
+    dead_feature_window: int
+    case_study_arch: str
     l1_warm_up_steps: int
     widths: tuple[int, ...]
     width: int
@@ -137,7 +146,8 @@ PAPER_LLM = LLMScale(
     models=(LLMModel("google/gemma-2-2b", 12, 10.0), LLMModel("meta-llama/Llama-3.2-1B", 7, 0.5)),
     layers=(3, 6, 9, 12, 15, 18, 21, 24), corpus="pile", context_size=1024, shard_sequences=256,
     cached_tokens=500_000_000, base_tokens=250_000_000, continued_tokens=250_000_000, batch_size=4096,
-    lr_batchtopk=3e-4, lr_l1=7e-5, l1_warm_up_steps=10_000,
+    lr_batchtopk=3e-4, lr_l1=7e-5, continued_lr_batchtopk=3e-4, continued_lr_l1=7e-5, dead_feature_window=1000,
+    case_study_arch="l1", l1_warm_up_steps=10_000,
     widths=(128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536), width=8192, n_new=64, k=25,
     k_values=(5, 10, 25, 50, 100, 200), l1_values=(0.25, 0.5, 1.0, 2.0, 4.0),
     n_values=(1, 4, 16, 64, 128, 256, 512, 1024),
@@ -150,7 +160,8 @@ PAPER_LLM = LLMScale(
 SMALL_LLM = LLMScale(
     models=(LLMModel("gemma-3-270m", 9, 1.5),), layers=(3, 6, 9), corpus="offline", context_size=128,
     shard_sequences=128, cached_tokens=327_680, base_tokens=983_040, continued_tokens=327_680, batch_size=1024,
-    lr_batchtopk=1e-3, lr_l1=3e-3, l1_warm_up_steps=160,
+    lr_batchtopk=1e-3, lr_l1=3e-3, continued_lr_batchtopk=1e-3, continued_lr_l1=7e-5, dead_feature_window=20,
+    case_study_arch="btk", l1_warm_up_steps=160,
     widths=(32, 64, 128, 256), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
     growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,
@@ -160,7 +171,8 @@ SMALL_LLM = LLMScale(
 CI_LLM = LLMScale(
     models=(LLMModel("gemma-3-270m", 2, 3.0),), layers=(1, 2), corpus="offline", context_size=64,
     shard_sequences=16, cached_tokens=4096, base_tokens=8192, continued_tokens=4096, batch_size=512,
-    lr_batchtopk=1e-3, lr_l1=1e-3, l1_warm_up_steps=2,
+    lr_batchtopk=1e-3, lr_l1=1e-3, continued_lr_batchtopk=1e-3, continued_lr_l1=1e-3, dead_feature_window=2,
+    case_study_arch="btk", l1_warm_up_steps=2,
     widths=(32, 64), width=32, n_new=4, k=8, k_values=(4, 8), l1_values=(1.0, 2.0), n_values=(1, 4),
     growing_start=16, growing_group=16, growing_max=48, growing_group_tokens=2048, growing_total_tokens=8192,
     growing_l1_coefficient=3.0, seeds=1,

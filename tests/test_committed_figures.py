@@ -38,3 +38,15 @@ def test_readme_gallery_lists_every_figure():
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"^\| ([A-Za-z0-9-]+) \| \d\d_", readme, flags=re.M))
     assert set(MANIFEST) <= listed
+
+
+LLM_FIGURES = ["LW-growing", "P7", "P16", "P17", "P18", "P19"]
+
+
+@pytest.mark.parametrize("figure_id", LLM_FIGURES)
+def test_llm_figures_state_their_scale(figure_id):
+    assert figure_id in MANIFEST, f"{figure_id} missing from figures/manifest.json: run `make figures`"
+    settings = json.loads((FIGURES / MANIFEST[figure_id]["meta"]).read_text())["settings"]
+    for key in ("corpus", "context_size", "cached_tokens", "base_tokens", "continued_tokens", "batch_size"):
+        assert key in settings, key
+    assert "model" in settings or "models" in settings
