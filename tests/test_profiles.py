@@ -40,7 +40,10 @@ def test_other_checks_name_the_parameter():
 def test_profiles_only_change_numbers():
     fields = {tuple(sorted(p.to_dict())) for p in PROFILES.values()}
     assert len(fields) == 1
-    assert PROFILES["small"].toy_samples == 15_000_000  # the paper's toy budget
+    assert {tuple(sorted(p.llm.__dataclass_fields__)) for p in PROFILES.values()} == {tuple(sorted(PROFILES["ci"].llm.__dataclass_fields__))}
+    assert PROFILES["paper"].toy_samples == 15_000_000  # the paper's toy budget
+    assert PROFILES["paper"].balance_samples == 100_000_000
+    assert PROFILES["small"].toy_samples <= PROFILES["paper"].toy_samples
 
 
 def test_figures_dir_keeps_small_figures_separate(monkeypatch):
