@@ -145,3 +145,15 @@ def test_top_examples_point_at_the_highest_activations(model, tiny_corpus):
     rows = llm.top_examples(values, tokens, model.tokenizer, k=2)
     assert [(r["sequence"], r["position"], r["activation"]) for r in rows] == [(1, 5, 2.0), (0, 3, 1.0)]
     assert rows[0]["token"] == model.tokenizer.decode([int(tokens[1, 5])])
+
+
+@pytest.mark.parametrize("architecture,cfg", [
+    ("standard", {"l1_coefficient": 1.0, "l1_warm_up_steps": 1}),
+    ("balance_matryoshka_batchtopk", {"k": 4, "matryoshka_widths": [4, 8, 16], "coefficient_multiplier": 0.5}),
+    ("balance_matryoshka_standard", {"l1_coefficient": 1.0, "matryoshka_widths": [8, 16], "reconstruction_loss": "snap", "snap_step": 1}),
+])
+def test_llm_saes_of_every_kind_train_and_extend(model, tiny_corpus, architecture, cfg):
+    source = _cache(model, tiny_corpus)[2]
+    m = llm.measure_hedging(source, 16, 2, architecture=architecture, base_tokens=64, continued_tokens=64, batch_size=32,
+                            lr=1e-3, seed=0, **cfg)
+    assert m.pair.extended.cfg.d_sae == 18 and torch.isfinite(m.pair.extended.W_dec).all()
