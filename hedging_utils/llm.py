@@ -41,6 +41,8 @@ from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.cache import cache_root, cached_dir, settings_key
+from hedging_utils.extension import DEAD_FEATURE_WINDOW, ExtensionPair, control_and_extended, train_in_lockstep
+from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.toys import Stream, make_sae, seeded
 
@@ -157,9 +159,8 @@ def load_offline_hf_model():
     tokenizer = load_offline_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     # The weights are already dequantised; TransformerLens refuses models that still say they are quantised.
-    for attribute in ("quantization_config",):
-        if hasattr(model.config, attribute):
-            delattr(model.config, attribute)
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     model.hf_quantizer = None
     model.is_quantized = False
     return model.eval(), tokenizer
@@ -458,15 +459,13 @@ def train_llm_sae(
     batch_size: int = 4096,
     stream_seed: int = 0,
     label: str = "",
-    dead_feature_window: int = 1000,
+    dead_feature_window: int = DEAD_FEATURE_WINDOW,
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
     """Train a fresh SAE (any registered SAELens architecture; ``sae_cfg`` goes to its config,
     e.g. ``k`` or ``l1_coefficient``) on the first ``training_tokens`` tokens of
     ``source.stream(batch_size, stream_seed)``, with SAELens' trainer. Cached on disk under
     every setting, so reruns load it."""
-    from hedging_utils.extension import train_in_lockstep
-
     check_positive_int("d_sae", d_sae)
     check_positive_int("training_tokens", training_tokens)
     settings = {"activations": source.settings, "d_sae": d_sae, "architecture": architecture, "sae_cfg": sae_cfg,
@@ -524,8 +523,8 @@ class HedgingMeasurement:
     """A base SAE, its control/extended pair and their hedging degree."""
 
     base: TrainingSAE[Any]
-    pair: Any  # hedging_utils.extension.ExtensionPair
-    degree: Any  # hedging_utils.metrics.HedgingDegree
+    pair: ExtensionPair
+    degree: HedgingDegree
     l0: float
 
 
@@ -542,7 +541,7 @@ def measure_hedging(
     continued_lr: float | None = None,
     seed: int = 0,
     n_random_draws: int = 10,
-    dead_feature_window: int = 1000,
+    dead_feature_window: int = DEAD_FEATURE_WINDOW,
     extend_kwargs: dict[str, Any] | None = None,
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
@@ -550,9 +549,6 @@ def measure_hedging(
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
     Token counts are used in whole batches. Every SAE is cached."""
-    from hedging_utils.extension import control_and_extended
-    from hedging_utils.metrics import hedging_degree
-
     base = train_llm_sae(source, width, training_tokens=base_tokens, architecture=architecture, seed=seed, lr=lr,
                          batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}",
                          dead_feature_window=dead_feature_window, **sae_cfg)

@@ -1,8 +1,6 @@
 """The language-model machinery: checks before compute, text, the resumable activation cache,
 streams, and the TransformerLens model against Hugging Face's. Uses a tiny corpus and few tokens."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -5,6 +5,8 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
+from hedging_utils.llm import hub_reachable
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -14,9 +16,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
     ({"profile": "ci", "seed": -1}, "seed=-1"),
 ])
 def test_bad_parameter_stops_the_first_cell(notebook, parameters, message, tmp_path):
-    with pytest.raises(pm.PapermillExecutionError) as info:
-        pm.execute_notebook(str(notebook), str(tmp_path / notebook.name), parameters=parameters,
-                            kernel_name="python3", progress_bar=False, cwd=str(notebook.parent))
+    info = _run_expecting_error(notebook, parameters, tmp_path)
     assert "ParameterError" in info.value.ename
     assert message in info.value.evalue
     # the error comes from the first cell after the parameters: nothing was trained
@@ -30,13 +30,18 @@ LLM_NOTEBOOK = next(nb for nb in NOTEBOOKS if nb.name.startswith("04_"))
     ({"profile": "ci", "llm_layer": 40}, "layer=40 is outside gemma-3-270m"),
     ({"profile": "ci", "llm_model": "gpt2-xl"}, "model='gpt2-xl' is not a model this project knows"),
     ({"profile": "ci", "corpus": "/no/such/corpus"}, "corpus='/no/such/corpus' does not exist"),
-    pytest.param({"profile": "paper"}, "need the Hugging Face hub", marks=pytest.mark.skipif(
-        __import__("hedging_utils.llm").llm.hub_reachable(), reason="this machine reaches the hub")),
+    pytest.param({"profile": "paper"}, "need the Hugging Face hub",
+                 marks=pytest.mark.skipif(hub_reachable(), reason="this machine reaches the hub")),
 ])
 def test_bad_llm_setting_stops_before_any_compute(parameters, message, tmp_path):
-    with pytest.raises(pm.PapermillExecutionError) as info:
-        pm.execute_notebook(str(LLM_NOTEBOOK), str(tmp_path / LLM_NOTEBOOK.name), parameters=parameters,
-                            kernel_name="python3", progress_bar=False, cwd=str(LLM_NOTEBOOK.parent))
+    info = _run_expecting_error(LLM_NOTEBOOK, parameters, tmp_path)
     assert "ParameterError" in info.value.ename
     assert message in info.value.evalue
     assert not (tmp_path / "cache").exists()
+
+
+def _run_expecting_error(notebook, parameters, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as info:
+        pm.execute_notebook(str(notebook), str(tmp_path / notebook.name), parameters=parameters,
+                            kernel_name="python3", progress_bar=False, cwd=str(notebook.parent))
+    return info
