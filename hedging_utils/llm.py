@@ -41,10 +41,10 @@ from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.cache import cache_root, cached_dir, settings_key
-from hedging_utils.extension import DEAD_FEATURE_WINDOW, ExtensionPair, control_and_extended, train_in_lockstep
+from hedging_utils.extension import ExtensionPair, control_and_extended
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.toys import Stream, make_sae, seeded
+from hedging_utils.training import DEAD_FEATURE_WINDOW, Job, Stream, TrainSettings, make_sae, seeded, train_saes
 
 HUB_HOST = "huggingface.co"
 PILE = "monology/pile-uncopyrighted"
@@ -451,38 +451,29 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def train_llm_sae(
     source: ActivationSource,
     d_sae: int,
+    settings: TrainSettings,
     *,
-    training_tokens: int,
     architecture: str = "standard",
     seed: int = 0,
-    lr: float = 3e-4,
-    batch_size: int = 4096,
     stream_seed: int = 0,
     label: str = "",
-    dead_feature_window: int = DEAD_FEATURE_WINDOW,
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
-    """Train a fresh SAE (any registered SAELens architecture; ``sae_cfg`` goes to its config,
-    e.g. ``k`` or ``l1_coefficient``) on the first ``training_tokens`` tokens of
-    ``source.stream(batch_size, stream_seed)``, with SAELens' trainer. Cached on disk under
-    every setting, so reruns load it."""
+    """Train a fresh SAE (any registered SAELens architecture, initialised with ``seed``;
+    ``sae_cfg`` goes to its config, e.g. ``k`` or ``l1_coefficient``) on the first
+    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed)``.
+    Cached on disk under every setting (``data/cache/llm_saes``), so reruns load it."""
     check_positive_int("d_sae", d_sae)
-    check_positive_int("training_tokens", training_tokens)
-    settings = {"activations": source.settings, "d_sae": d_sae, "architecture": architecture, "sae_cfg": sae_cfg,
-                "training_tokens": training_tokens, "seed": seed, "lr": lr, "batch_size": batch_size,
-                "stream_seed": stream_seed, "dead_feature_window": dead_feature_window, "sae_lens": sae_lens_version}
+    with seeded(seed):
+        sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
+    job = Job(sae, source.stream(settings.batch_size, stream_seed), stream_key(source, settings.batch_size, stream_seed),
+              init={"seed": seed}, label=label or f"{architecture} width {d_sae}")
+    return train_saes({"sae": job}, settings, kind="llm_saes")["sae"]
 
-    def build(path: Path) -> None:
-        start = time.perf_counter()
-        with seeded(seed):
-            sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
-            trained = train_in_lockstep({"sae": sae}, source.stream(batch_size, stream_seed)(0), training_tokens, batch_size, lr,
-                                        dead_feature_window)
-        trained["sae"].save_model(path)
-        print(f"  trained {label or architecture} width {d_sae} on {training_tokens:,} tokens in "
-              f"{time.perf_counter() - start:.0f}s", flush=True)
 
-    return TrainingSAE.load_from_disk(cached_dir("llm_saes", settings, build))
+def stream_key(source: ActivationSource, batch_size: int, stream_seed: int) -> dict[str, Any]:
+    """What identifies ``source.stream(batch_size, stream_seed)`` in a cache key."""
+    return {"activations": source.settings, "batch_size": batch_size, "stream_seed": stream_seed}
 
 
 @torch.no_grad()
@@ -549,16 +540,14 @@ def measure_hedging(
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
     Token counts are used in whole batches. Every SAE is cached."""
-    base = train_llm_sae(source, width, training_tokens=base_tokens, architecture=architecture, seed=seed, lr=lr,
-                         batch_size=batch_size, stream_seed=seed, label=f"{architecture} seed {seed}",
-                         dead_feature_window=dead_feature_window, **sae_cfg)
-    pair = control_and_extended(
-        base, n_new, source.stream(batch_size, seed), training_samples=continued_tokens,
-        start_batch=base_tokens // batch_size, batch_size=batch_size, lr=lr if continued_lr is None else continued_lr,
-        seed=seed, cache_key={"activations": source.settings, "batch_size": batch_size, "stream_seed": seed},
-        dead_feature_window=dead_feature_window,
-        **(extend_kwargs or {}),
-    )
+    base_settings = TrainSettings.for_samples(base_tokens, batch_size, lr=lr, dead_feature_window=dead_feature_window)
+    continued = TrainSettings.for_samples(continued_tokens, batch_size, lr=lr if continued_lr is None else continued_lr,
+                                          dead_feature_window=dead_feature_window)
+    base = train_llm_sae(source, width, base_settings, architecture=architecture, seed=seed, stream_seed=seed,
+                         label=f"{architecture} width {width} seed {seed}", **sae_cfg)
+    pair = control_and_extended(base, n_new, source.stream(batch_size, seed), continued,
+                                data=stream_key(source, batch_size, seed), start_batch=base_settings.steps, seed=seed,
+                                **(extend_kwargs or {}))
     degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
     return HedgingMeasurement(base, pair, degree, mean_l0(pair.control, source))
 

@@ -113,9 +113,12 @@ class Profile:
 
     Attributes:
         name: ``ci``, ``small`` or ``paper``.
-        toy_samples: training samples per toy SAE (the paper trains each on 15M).
-        balance_samples: training samples per balance-matryoshka toy SAE (P8, P20: 100M in the paper).
-        beta_sweep_samples: training samples per SAE of the beta sweep (X-beta-sweep).
+        toy_steps, toy_batch_size: optimiser steps and batch size of every toy SAE of notebooks
+            01-03 but the balance-matryoshka ones (the authors': 24,414 steps of 500,
+            ``hedging_paper/toy_models/train_toy_sae.py``).
+        balance_steps, balance_batch_size: the same for the balance-matryoshka toy SAEs (P8,
+            P20, the beta sweep; the authors': 24,414 steps of 128,
+            ``notebooks/balancing_hedging_and_absorption.ipynb``).
         hedging_toy_samples: base and continued training samples per SAE of the hedging-degree
             toy (P15: 3M + 3M in the paper).
         growing_group_samples: samples between added groups of the growing toy SAE.
@@ -126,9 +129,10 @@ class Profile:
     """
 
     name: str
-    toy_samples: int
-    balance_samples: int
-    beta_sweep_samples: int
+    toy_steps: int
+    toy_batch_size: int
+    balance_steps: int
+    balance_batch_size: int
     hedging_toy_samples: int
     growing_group_samples: int
     growing_total_samples: int
@@ -178,16 +182,24 @@ CI_LLM = LLMScale(
     growing_l1_coefficient=3.0, seeds=1,
 )
 
+# The authors' toy runs: SAELens' trainer with training_tokens=100M at train_batch_size_tokens=4096,
+# but their synthetic activation store yields one batch of `context_size` samples per step, so a
+# run is 100M // 4096 = 24,414 optimiser steps (hedging_paper/toy_models/train_toy_sae.py).
+AUTHORS_TOY_STEPS = 100_000_000 // 4096
+
 PROFILES: dict[str, Profile] = {
-    "ci": Profile(name="ci", toy_samples=200_000, balance_samples=200_000, beta_sweep_samples=200_000,
+    "ci": Profile(name="ci", toy_steps=400, toy_batch_size=500, balance_steps=400, balance_batch_size=128,
                   hedging_toy_samples=102_400, growing_group_samples=51_200, growing_total_samples=512_000,
                   sweep_points=3, seeds=1, llm=CI_LLM),
-    # Budgets cut so that every notebook together runs within an hour on 2 CPU cores; the
-    # paper's are in "paper" (15M samples per toy SAE, 100M for balance matryoshka, 3M + 3M for P15).
-    "small": Profile(name="small", toy_samples=8_000_000, balance_samples=20_000_000, beta_sweep_samples=8_000_000,
+    # Toy SAEs at the authors' step counts and batch sizes (trained together, see
+    # hedging_utils.training); P15, the growing toy and the sweeps are cut so that every notebook
+    # together runs within an hour on 2 CPU cores (the paper's: 3M + 3M for P15, 11-point sweeps).
+    "small": Profile(name="small", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
+                     balance_batch_size=128,
                      hedging_toy_samples=2_048_000, growing_group_samples=512_000, growing_total_samples=7_680_000,
                      sweep_points=7, seeds=2, llm=SMALL_LLM),
-    "paper": Profile(name="paper", toy_samples=15_000_000, balance_samples=100_000_000, beta_sweep_samples=100_000_000,
+    "paper": Profile(name="paper", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
+                     balance_batch_size=128,
                      hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
                      sweep_points=11, seeds=5, llm=PAPER_LLM),
 }

@@ -14,18 +14,13 @@ the firing features times their magnitudes. Dependencies between features come f
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import time
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from sae_lens import __version__ as sae_lens_version
-from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.synthetic import (
     ActivationGenerator,
@@ -33,19 +28,14 @@ from sae_lens.synthetic import (
     HierarchyNode,
     hierarchy_modifier,
     init_sae_to_match_feature_dict,
-    train_toy_sae,
 )
 
-import sae_lens.training.sae_trainer as trainer_module
-
-from hedging_utils.cache import cached_dir
 from hedging_utils.profiles import ParameterError, check_positive_int, check_probability
+from hedging_utils.training import Job, Stream, TrainSettings, make_sae, seeded, train_saes
 
-CACHE_VERSION = 1
-
-Stream = Callable[[int], Iterator[torch.Tensor]]
-"""``stream(start_batch)`` yields training batches from batch index ``start_batch`` on; the
-same index always gives the same batch, so SAEs trained separately see identical data."""
+STREAM_CHUNK_BATCHES = 64
+"""Toy batches are drawn this many at a time (one generator call), which keeps the cost of
+SAELens' sampler per batch small; batch i is still always the same batch."""
 
 
 @dataclass(frozen=True)
@@ -210,19 +200,24 @@ class ToySetting:
             return self.generator.sample(n)
 
     def stream(self, batch_size: int, seed: int = 0) -> Stream:
-        """Deterministic training batches: batch i is drawn with seed (seed, i), so two SAEs
-        trained separately from the same batch index see identical data."""
+        """Deterministic training batches. They are drawn ``STREAM_CHUNK_BATCHES`` at a time,
+        chunk c with seed (seed, c), so batch i is always the same batch: two SAEs trained
+        separately from the same batch index see identical data."""
 
         def batches(start_batch: int = 0) -> Iterator[torch.Tensor]:
             features = self.feature_dict  # built (by optimisation) outside no_grad
-            index = start_batch
+            chunk, offset = divmod(start_batch, STREAM_CHUNK_BATCHES)
             while True:
-                with seeded(seed * 1_000_003 + index), torch.no_grad():
-                    batch = features(self.generator.sample(batch_size))
-                yield batch
-                index += 1
+                with seeded(seed * 1_000_003 + chunk), torch.no_grad():
+                    block = features(self.generator.sample(batch_size * STREAM_CHUNK_BATCHES))
+                yield from block.view(STREAM_CHUNK_BATCHES, batch_size, -1)[offset:]
+                chunk, offset = chunk + 1, 0
 
         return batches
+
+    def stream_key(self, batch_size: int, seed: int = 0) -> dict[str, Any]:
+        """What identifies ``self.stream(batch_size, seed)`` in a cache key."""
+        return {"toy": self.to_dict(), "batch_size": batch_size, "stream_seed": seed, "chunk_batches": STREAM_CHUNK_BATCHES}
 
     def joint_firing_distribution(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact joint distribution of which features fire.
@@ -308,108 +303,56 @@ def random_correlation_matrix(num_features: int, independent: int = 0, seed: int
 
 
 # ---------------------------------------------------------------------------------------
-# Training
+# SAEs on toys
 
 
 Init = Literal["true_features", "random"]
 
 
-def make_sae(d_in: int, d_sae: int, architecture: str = "standard", **cfg: Any) -> TrainingSAE[Any]:
-    """A fresh SAELens training SAE of any registered architecture."""
-    sae_cls, cfg_cls = get_sae_training_class(architecture)
-    return sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, **cfg))
-
-
-def train_sae(
+def toy_job(
     setting: ToySetting,
     d_sae: int,
     *,
-    training_samples: int,
+    batch_size: int,
     seed: int = 0,
+    stream_seed: int | None = None,
     architecture: str = "standard",
     init: Init = "true_features",
     init_feature_order: Sequence[int] | None = None,
-    lr: float = 3e-4,
-    batch_size: int = 1024,
     label: str = "",
     **sae_cfg: Any,
-) -> TrainingSAE[Any]:
-    """Train an SAE of width ``d_sae`` on ``setting`` with SAELens' ``train_toy_sae``.
+) -> Job:
+    """A fresh SAE of width ``d_sae`` on ``setting``, ready for ``training.train_saes``.
 
     ``init="true_features"`` starts latent i at true feature i (encoder = decoder = f_i, for
-    i < min(d_sae, N)), or at feature ``init_feature_order[i]`` (e.g. parents first for a
-    matryoshka SAE); ``"random"`` keeps SAELens' default initialisation. Extra keyword
-    arguments go to the SAE config (e.g. ``l1_coefficient``, ``k``). The trained SAE is cached
-    on disk under a key of all these settings, so a rerun loads it instead of training again.
+    i < min(d_sae, N); SAELens' ``init_sae_to_match_feature_dict``), or at feature
+    ``init_feature_order[i]`` (e.g. parents first for a matryoshka SAE); ``"random"`` keeps
+    SAELens' default initialisation, drawn with ``seed``. The SAE trains on
+    ``setting.stream(batch_size, stream_seed)`` (``stream_seed`` defaults to ``seed``). Extra
+    keyword arguments go to the SAE config (e.g. ``l1_coefficient``, ``k``).
     """
     check_positive_int("d_sae", d_sae)
-    check_positive_int("training_samples", training_samples)
     if init not in ("true_features", "random"):
         raise ParameterError(f"init={init!r} must be 'true_features' or 'random'.")
-    settings = {
-        "setting": setting.to_dict(),
-        "d_sae": d_sae,
-        "architecture": architecture,
-        "sae_cfg": sae_cfg,
-        "training_samples": training_samples,
-        "seed": seed,
-        "init": init if init_feature_order is None else [init, list(init_feature_order)],
-        "lr": lr,
-        "batch_size": batch_size,
-        "sae_lens": sae_lens_version,
-        "version": CACHE_VERSION,
-    }
-
-    def build(path: Path) -> None:
-        start = time.perf_counter()
-        with seeded(seed):
-            sae = make_sae(setting.d_model, d_sae, architecture, **sae_cfg)
-            if hasattr(sae.cfg, "check_training_steps"):
-                sae.cfg.check_training_steps(training_samples // batch_size)
-            if init == "true_features":
-                order = None if init_feature_order is None else torch.tensor(list(init_feature_order))
-                init_sae_to_match_feature_dict(sae, setting.feature_dict, feature_ordering=order)
-                sae.W_dec.data = sae.W_dec.data.contiguous()  # it is set to a transpose
-            with quiet_progress(trainer_module):
-                train_toy_sae(
-                    sae, setting.feature_dict, setting.generator,
-                    training_samples=training_samples, batch_size=batch_size, lr=lr,
-                )
-        sae.save_model(path)
-        print(f"  trained {label or architecture} (width {d_sae}, {training_samples:,} samples, "
-              f"seed {seed}) in {time.perf_counter() - start:.1f}s", flush=True)
-
-    path = cached_dir("toy_saes", settings, build)
-    return TrainingSAE.load_from_disk(path)
+    stream_seed = seed if stream_seed is None else stream_seed
+    with seeded(seed):
+        sae = make_sae(setting.d_model, d_sae, architecture, **sae_cfg)
+        if init == "true_features":
+            order = None if init_feature_order is None else torch.tensor(list(init_feature_order))
+            init_sae_to_match_feature_dict(sae, setting.feature_dict, feature_ordering=order)
+            sae.W_dec.data = sae.W_dec.data.contiguous()  # it is set to a transpose
+    return Job(
+        sae=sae,
+        stream=setting.stream(batch_size, seed=stream_seed),
+        data=setting.stream_key(batch_size, stream_seed),
+        init={"seed": seed, "init": init if init_feature_order is None else [init, list(init_feature_order)]},
+        label=label,
+    )
 
 
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Seed torch's global RNG (which SAELens' generator and initialisers use) for a block,
-    restoring the previous state afterwards."""
-    if seed is None:
-        yield
-        return
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-
-
-@contextlib.contextmanager
-def quiet_progress(module: Any) -> Iterator[None]:
-    """Silence the tqdm progress bar of a SAELens trainer ``module`` for a block; the
-    training functions here print one line per SAE instead."""
-    import functools
-
-    original = module.tqdm
-    module.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        module.tqdm = original
+def train_toy_saes(jobs: Mapping[str, Job], settings: TrainSettings, **kwargs: Any) -> dict[str, TrainingSAE[Any]]:
+    """Train a sweep of toy SAEs together (cached under ``data/cache/toy_saes``)."""
+    return train_saes(jobs, settings, kind="toy_saes", **kwargs)
 
 
 def _per_feature(value: float | Sequence[float], n: int) -> torch.Tensor:

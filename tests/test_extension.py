@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from hedging_utils.extension import control_and_extended, continue_training, extend_sae
+from hedging_utils.extension import PairSpec, control_and_extended, continue_training, extend_sae, extension_pairs
 from hedging_utils.metrics import hedging_degree, hedging_degree_from_decoders, projection_norms
 from hedging_utils.profiles import ParameterError
-from hedging_utils.toys import ToySetting, conditional_pair, make_sae
+from hedging_utils.toys import ToySetting, conditional_pair
+from hedging_utils.training import TrainSettings, make_sae
 
 
 def _unit(w):
@@ -104,8 +105,9 @@ def test_streams_repeat_batches_by_index():
 def test_control_and_extended_see_identical_batches():
     toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
     base = make_sae(8, 2, "standard", l1_coefficient=1e-3)
-    pair = control_and_extended(base, 1, toy.stream(64, seed=0), training_samples=64 * 20, batch_size=64)
-    alone = continue_training(base, toy.stream(64, seed=0), training_samples=64 * 20, batch_size=64)
+    settings, data = TrainSettings(steps=20, batch_size=64), toy.stream_key(64, 0)
+    pair = control_and_extended(base, 1, toy.stream(64, seed=0), settings, data=data)
+    alone = continue_training(base, toy.stream(64, seed=0), settings, data=data)
     assert torch.allclose(pair.control.W_dec, alone.W_dec)  # the control is plain continued training
     assert pair.extended.cfg.d_sae == 3
     degree = hedging_degree(pair.control, pair.extended)
@@ -115,7 +117,28 @@ def test_control_and_extended_see_identical_batches():
 def test_extension_pairs_are_cached(capsys):
     toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
     base = make_sae(8, 2, "standard", l1_coefficient=1e-3)
-    kwargs = dict(training_samples=64 * 10, batch_size=64, cache_key={"toy": toy.to_dict(), "seed": 0})
-    first = control_and_extended(base, 1, toy.stream(64, seed=0), **kwargs)
-    again = control_and_extended(base, 1, toy.stream(64, seed=0), **kwargs)
+    settings, data = TrainSettings(steps=10, batch_size=64), toy.stream_key(64, 0)
+    first = control_and_extended(base, 1, toy.stream(64, seed=0), settings, data=data)
+    again = control_and_extended(base, 1, toy.stream(64, seed=0), settings, data=data)
     assert torch.equal(first.extended.W_dec, again.extended.W_dec)
+
+
+def test_control_gets_the_same_l1_rewarmup_as_the_extended():
+    toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
+    base = make_sae(8, 2, "balance_matryoshka_standard", l1_coefficient=1.0)
+    pair = control_and_extended(base, 1, toy.stream(64, seed=0), TrainSettings(steps=5, batch_size=64),
+                                data=toy.stream_key(64, 0), l1_rewarmup_steps=50, l1_floor=0.1)
+    for sae in (pair.control, pair.extended):
+        assert sae.cfg.l1_warm_up_steps == 50 and sae.cfg.l1_floor == 0.1
+
+
+def test_extension_pairs_of_a_sweep_train_together_like_one_at_a_time():
+    toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
+    settings = TrainSettings(steps=10, batch_size=64)
+    specs = {s: PairSpec(make_sae(8, 2, "standard", l1_coefficient=1e-3 * (s + 1)), toy.stream(64, seed=s),
+                         toy.stream_key(64, s), start_batch=3, seed=s) for s in range(3)}
+    together = extension_pairs(specs, 1, settings, cache=False)
+    for s, spec in specs.items():
+        alone = control_and_extended(spec.base, 1, spec.stream, settings, data=spec.data, start_batch=3, seed=s, cache=False)
+        assert torch.allclose(together[s].extended.W_dec, alone.extended.W_dec, atol=1e-6)
+        assert torch.allclose(together[s].control.W_enc, alone.control.W_enc, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from hedging_utils.figures import FigureWriter, check, read_manifest
 from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
 from hedging_utils.profiles import PROFILES
-from hedging_utils.toys import make_sae
+from hedging_utils.training import make_sae
 
 
 def test_writer_saves_image_data_settings_and_manifest(tmp_path):

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from hedging_utils.profiles import ParameterError
+from hedging_utils.training import TrainSettings
 from hedging_utils.toys import (
+    STREAM_CHUNK_BATCHES,
     ConditionalFiring, Hierarchy, ToySetting, conditional_pair, correlated_pair, exclusive_children_base_probability,
-    random_correlation_matrix, train_sae,
+    random_correlation_matrix, toy_job, train_toy_saes,
 )
 
 N = 400_000
@@ -80,22 +82,34 @@ def test_bad_conditional_probability_names_it():
         ConditionalFiring(1, 0, 0.2, -0.1)
 
 
-def test_train_sae_is_cached_and_deterministic(tmp_path, monkeypatch, capsys):
+def train_one(toy, d_sae, steps=20, batch_size=1000, lr=3e-4, **kwargs):
+    job = toy_job(toy, d_sae, batch_size=batch_size, **kwargs)
+    return train_toy_saes({"sae": job}, TrainSettings(steps=steps, batch_size=batch_size, lr=lr))["sae"]
+
+
+def test_toy_saes_are_cached_and_deterministic(tmp_path, monkeypatch, capsys):
     toy = conditional_pair(0.25, 0.2, 0.0)
-    first = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    first = train_one(toy, 1, seed=3, l1_coefficient=1e-3)
     assert "trained" in capsys.readouterr().out
-    again = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    again = train_one(toy, 1, seed=3, l1_coefficient=1e-3)
     assert capsys.readouterr().out == ""  # loaded from the cache, not retrained
     assert torch.equal(first.W_dec, again.W_dec)
     monkeypatch.setenv("HEDGING_CACHE_DIR", str(tmp_path / "other"))
-    fresh = train_sae(toy, 1, training_samples=20_000, seed=3, l1_coefficient=1e-3)
+    fresh = train_one(toy, 1, seed=3, l1_coefficient=1e-3)
     assert torch.equal(first.W_dec, fresh.W_dec)  # same seed, same numbers
     assert not list((tmp_path / "other" / "toy_saes").glob(".*"))  # no temporary entries left
 
 
+def test_stream_batches_depend_only_on_their_index():
+    stream = conditional_pair(0.25, 0.2, 0.1).stream(10, seed=1)
+    from_zero = [b for _, b in zip(range(STREAM_CHUNK_BATCHES + 3), stream(0))]
+    from_later = [b for _, b in zip(range(5), stream(STREAM_CHUNK_BATCHES - 2))]
+    assert all(torch.equal(a, b) for a, b in zip(from_zero[STREAM_CHUNK_BATCHES - 2:], from_later))
+
+
 def test_true_feature_init_starts_at_the_features():
     toy = conditional_pair(0.25, 0.2, 0.1)
-    sae = train_sae(toy, 2, training_samples=1024, seed=0, l1_coefficient=1e-3, lr=1e-12)
+    sae = train_one(toy, 2, steps=1, seed=0, l1_coefficient=1e-3, lr=1e-12)
     cos = torch.nn.functional.normalize(sae.W_dec, dim=1) @ toy.features.T
     assert torch.allclose(cos, torch.eye(2), atol=1e-4)
 

@@ -3,7 +3,8 @@ import torch
 from sae_lens.saes.sae import SAE, TrainingSAE, TrainStepInput
 
 from hedging_utils.profiles import ParameterError
-from hedging_utils.toys import conditional_pair, make_sae, train_sae
+from hedging_utils.toys import conditional_pair, toy_job, train_toy_saes
+from hedging_utils.training import TrainSettings, make_sae
 from hedging_utils.variants import reconstruction_loss
 
 D_IN, D_SAE = 10, 8
@@ -148,9 +149,10 @@ def test_invalid_configs_raise_clear_errors(cfg, match):
 
 
 def test_snap_step_beyond_training_is_refused():
-    with pytest.raises(ParameterError, match="snap_step=500 is beyond the 19 training steps"):
-        train_sae(conditional_pair(0.25, 0.2, 0.1), 1, training_samples=20_000, architecture="balance_matryoshka_standard",
+    job = toy_job(conditional_pair(0.25, 0.2, 0.1), 1, batch_size=100, architecture="balance_matryoshka_standard",
                   reconstruction_loss="snap", snap_step=500, l1_coefficient=1e-3)
+    with pytest.raises(ParameterError, match="snap_step=500 is beyond the 19 training steps"):
+        train_toy_saes({"sae": job}, TrainSettings(steps=19, batch_size=100))
 
 
 @pytest.mark.parametrize("architecture,cfg", [
@@ -174,7 +176,8 @@ def test_save_load_round_trip_in_saelens_format(tmp_path, x, architecture, cfg):
 
 def test_trains_on_a_toy_with_every_loss():
     toy = conditional_pair(0.25, 0.2, 0.1)
-    for loss, extra in (("mse", {}), ("l2", {}), ("snap", {"snap_step": 10})):
-        sae = train_sae(toy, 2, training_samples=40_000, architecture="balance_matryoshka_standard",
-                        matryoshka_widths=[1], l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
+    jobs = {loss: toy_job(toy, 2, batch_size=1000, architecture="balance_matryoshka_standard", matryoshka_widths=[1],
+                          l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
+            for loss, extra in (("mse", {}), ("l2", {}), ("snap", {"snap_step": 10}))}
+    for sae in train_toy_saes(jobs, TrainSettings(steps=40, batch_size=1000)).values():
         assert torch.isfinite(sae.W_dec).all()

@@ -1,0 +1,490 @@
+"""Building, training and caching SAEs, toy and LLM alike.
+
+Every SAE here is a SAELens training SAE (any registered architecture) and is saved in SAELens'
+format. Training takes one settings object, ``TrainSettings`` (steps, batch size, learning rate,
+Adam betas, dead-latent window), which is recorded in every cache key the same way.
+
+**Sweeps train together.** ``train_saes`` takes the SAEs of a whole sweep (seeds, widths,
+coefficients, toy settings...) and trains those of one shape as a single stacked computation:
+their weights are stacked along a leading axis, each step runs one batched matmul per layer
+for all of them, and one Adam step updates them all. Adam, gradient clipping and every loss
+term act per SAE, so each SAE follows exactly the trajectory SAELens' own ``SAETrainer`` would
+give it on the same batches (a test checks this against SAELens' trainer); only the per-step
+overhead, which dominates for toy-sized SAEs, is paid once per sweep.
+
+The stacked loss mirrors SAELens' training forward pass for the architectures the notebooks
+use: ``standard`` (ReLU + L1 scaled by decoder norms, with its L1 warm-up), ``batchtopk``
+(batch top-k, decoder-norm rescaling, the AuxK dead-latent loss and the running top-k
+threshold) and the balance-matryoshka variants of ``hedging_utils.variants`` (levels, beta_m,
+detached levels, MSE / L2 / snap losses). Any other architecture trains one SAE at a time with
+SAELens' ``SAETrainer`` (``train_with_sae_lens``), the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from sae_lens import __version__ as sae_lens_version
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.saes.standard_sae import StandardTrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+
+import sae_lens.training.sae_trainer as sae_trainer_module
+
+from hedging_utils.cache import cached_dir
+from hedging_utils.profiles import ParameterError, check_positive_int
+from hedging_utils.variants import BalanceMatryoshkaMixin
+
+CACHE_VERSION = 2  # 2: one TrainSettings in every key; stacked training; chunked toy streams
+
+DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
+
+Stream = Callable[[int], Iterator[torch.Tensor]]
+"""``stream(start_batch)`` yields training batches from batch index ``start_batch`` on; the
+same index always gives the same batch, so SAEs trained separately see identical data."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How SAEs are trained; recorded in full in every cache key.
+
+    Attributes:
+        steps: optimiser steps (one batch each).
+        batch_size: samples (toy inputs or LLM tokens) per batch.
+        lr: Adam's learning rate, constant (no warm-up or decay).
+        adam_betas: Adam's (beta1, beta2).
+        dead_feature_window: steps without firing after which a latent counts as dead, which
+            switches on the TopK/BatchTopK auxiliary loss (AuxK) that revives it.
+        grad_clip: the gradient norm of each SAE is clipped to this (SAELens: 1.0).
+    """
+
+    steps: int
+    batch_size: int
+    lr: float = 3e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    dead_feature_window: int = DEAD_FEATURE_WINDOW
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        check_positive_int("batch_size", self.batch_size)
+        if not self.lr > 0:
+            raise ParameterError(f"lr={self.lr!r} must be > 0.")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ParameterError(f"adam_betas={self.adam_betas!r} must be two numbers in [0, 1).")
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+
+    @classmethod
+    def for_samples(cls, samples: int, batch_size: int, **kwargs: Any) -> "TrainSettings":
+        """Settings that train on ``samples`` samples (rounded down to whole batches, at least one)."""
+        return cls(steps=max(1, samples // batch_size), batch_size=batch_size, **kwargs)
+
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "adam_betas": list(self.adam_betas)}
+
+
+@dataclass
+class Job:
+    """One SAE to train.
+
+    Attributes:
+        sae: the SAELens training SAE to start from (fresh or already trained); it is copied,
+            never changed in place.
+        stream: its training batches (see ``Stream``).
+        data: what identifies ``stream`` (e.g. the toy setting, batch size and stream seed).
+            SAEs of one call with equal ``data`` share each batch; it is part of the cache key.
+        start_batch: the index of the first batch.
+        init: what identifies the starting weights for the cache key (e.g. the seed and init
+            scheme of a fresh SAE); None uses a hash of the weights themselves.
+        label: a name for progress messages.
+    """
+
+    sae: TrainingSAE[Any]
+    stream: Stream
+    data: dict[str, Any]
+    start_batch: int = 0
+    init: dict[str, Any] | None = None
+    label: str = ""
+
+    def cache_settings(self, settings: TrainSettings) -> dict[str, Any]:
+        return {
+            "architecture": self.sae.cfg.architecture(),
+            "sae_cfg": _cfg_key(self.sae),
+            "init": self.init if self.init is not None else {"weights": weights_hash(self.sae)},
+            "data": self.data,
+            "start_batch": self.start_batch,
+            "training": settings.to_dict(),
+            "sae_lens": sae_lens_version,
+            "version": CACHE_VERSION,
+        }
+
+
+def make_sae(d_in: int, d_sae: int, architecture: str = "standard", **cfg: Any) -> TrainingSAE[Any]:
+    """A fresh SAELens training SAE of any registered architecture."""
+    sae_cls, cfg_cls = get_sae_training_class(architecture)
+    return sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, **cfg))
+
+
+def train_saes(
+    jobs: Mapping[str, Job], settings: TrainSettings, *, kind: str = "saes", cache: bool = True,
+    progress: bool = True,
+) -> dict[str, TrainingSAE[Any]]:
+    """Train every job for ``settings.steps`` steps and return the trained SAEs by name.
+
+    With ``cache``, each SAE is stored under ``data/cache/<kind>/<key>`` (SAELens format), the
+    key being every setting that produced it (``Job.cache_settings``): SAEs already there are
+    loaded, the missing ones are trained together (``train_together``) and saved one by one,
+    atomically, so an interrupted sweep resumes with what finished.
+    """
+    for name, job in jobs.items():
+        check_steps(job.sae, settings.steps, name)
+    if not cache:
+        return train_together(jobs, settings, progress=progress)
+    keys = {name: job.cache_settings(settings) for name, job in jobs.items()}
+    done = {name: cached_path(kind, key) for name, key in keys.items()}
+    missing = {name: job for name, job in jobs.items() if done[name] is None}
+    if missing:
+        trained = train_together(missing, settings, progress=progress)
+        for name, sae in trained.items():
+            done[name] = cached_dir(kind, keys[name], lambda path, sae=sae: sae.save_model(path))
+    return {name: TrainingSAE.load_from_disk(done[name]) for name in jobs}
+
+
+def cached_path(kind: str, settings: dict[str, Any]) -> Path | None:
+    """The cache entry for ``settings`` if it is complete, else None."""
+    from hedging_utils.cache import COMPLETE_MARKER, cache_root, settings_key
+
+    path = cache_root() / kind / settings_key(settings)
+    return path if (path / COMPLETE_MARKER).exists() else None
+
+
+def train_together(
+    jobs: Mapping[str, Job], settings: TrainSettings, *, progress: bool = True
+) -> dict[str, TrainingSAE[Any]]:
+    """Train the jobs without caching: SAEs of the same shape (architecture and every config
+    field but their coefficients) and start batch as one stacked computation, the others with
+    SAELens' trainer. Returns trained copies; the jobs' SAEs are left unchanged."""
+    groups: dict[str, list[str]] = {}
+    for name, job in jobs.items():
+        groups.setdefault(_group_key(job), []).append(name)
+    out: dict[str, TrainingSAE[Any]] = {}
+    for names in groups.values():
+        group = [jobs[n] for n in names]
+        label = _describe(names, group)
+        start = time.perf_counter()
+        if StackedSAEs.supports(group[0].sae):
+            trained = _train_stacked(group, settings, label if progress else None)
+        else:
+            trained = [train_with_sae_lens(job, settings, progress=progress) for job in group]
+        out.update(zip(names, trained))
+        if progress:
+            print(f"  trained {label} ({settings.steps:,} steps of {settings.batch_size}) in "
+                  f"{time.perf_counter() - start:.1f}s", flush=True)
+    return out
+
+
+def train_with_sae_lens(job: Job, settings: TrainSettings, *, progress: bool = False) -> TrainingSAE[Any]:
+    """Train a copy of ``job.sae`` with SAELens' own ``SAETrainer`` (the reference path; one SAE)."""
+    sae = copy_sae(job.sae)
+    batches = job.stream(job.start_batch)
+    with _tqdm_disabled(not progress):
+        trainer = SAETrainer(cfg=sae_lens_trainer_config(settings), sae=sae, data_provider=batches)
+        return trainer.fit()
+
+
+def sae_lens_trainer_config(settings: TrainSettings, device: str = "cpu") -> SAETrainerConfig:
+    """SAELens' trainer settings equivalent to ``settings``: constant learning rate, no logging."""
+    return SAETrainerConfig(
+        n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
+        total_training_samples=settings.samples, device=device, autocast=False,
+        lr=settings.lr, lr_end=settings.lr, lr_scheduler_name="constant", lr_warm_up_steps=0,
+        adam_beta1=settings.adam_betas[0], adam_beta2=settings.adam_betas[1],
+        lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=settings.batch_size,
+        dead_feature_window=settings.dead_feature_window, feature_sampling_window=2000,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+        n_batches_for_norm_estimate=1000,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The stacked computation
+
+
+class StackedSAEs(torch.nn.Module):
+    """S SAELens training SAEs of one shape, their weights stacked along a leading axis.
+
+    ``loss(x, step, dead)`` returns each SAE's training loss (shape [S]) exactly as its own
+    ``training_forward_pass`` computes it, for inputs ``x`` of shape [S, B, d_in].
+    Coefficients may differ between the SAEs: the L1 coefficient and its floor, and the
+    balance-matryoshka level coefficients beta_m.
+    """
+
+    def __init__(self, saes: Sequence[TrainingSAE[Any]]):
+        super().__init__()
+        first = saes[0]
+        cfg = first.cfg
+        self.saes = list(saes)
+        self.topk = isinstance(first, BatchTopKTrainingSAE)
+        self.rescale = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)) and self.topk
+        self.apply_b_dec_to_input = float(cfg.apply_b_dec_to_input)
+        self.widths = list(getattr(cfg, "matryoshka_widths", None) or [cfg.d_sae])
+        self.detach = bool(getattr(cfg, "detach_inner_levels", False))
+        self.loss_kind = getattr(cfg, "reconstruction_loss", "mse")
+        self.snap_step = getattr(cfg, "snap_step", None)
+        self.lp_norm = getattr(cfg, "lp_norm", 1.0)
+        self.l1_warm_up_steps = getattr(cfg, "l1_warm_up_steps", 0)
+        self.k = getattr(cfg, "k", None)
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            self.register_parameter(name, torch.nn.Parameter(torch.stack([getattr(s, name).detach() for s in saes]).clone()))
+        betas = [s.cfg.level_betas() if isinstance(s, BalanceMatryoshkaMixin) else [1.0] * len(self.widths) for s in saes]
+        self.register_buffer("betas", torch.tensor(betas, dtype=self.W_enc.dtype))
+        self.register_buffer("l1", torch.tensor([float(getattr(s.cfg, "l1_coefficient", 0.0)) for s in saes]))
+        self.register_buffer("l1_floor", torch.tensor([float(getattr(s.cfg, "l1_floor", 0.0)) for s in saes]))
+        if self.topk:
+            self.register_buffer("topk_threshold", torch.stack([s.topk_threshold.detach().reshape(()) for s in saes]).clone())
+
+    @staticmethod
+    def supports(sae: TrainingSAE[Any]) -> bool:
+        """Whether the stacked loss reproduces this SAE's own training loss."""
+        cfg = sae.cfg
+        if cfg.normalize_activations != "none" or getattr(cfg, "reshape_activations", "none") != "none":
+            return False
+        if type(sae) is StandardTrainingSAE or type(sae) is BatchTopKTrainingSAE:
+            return True
+        if isinstance(sae, BalanceMatryoshkaMixin):
+            return not getattr(cfg, "use_matryoshka_aux_loss", False)
+        return False
+
+    def coefficient(self, step: int) -> torch.Tensor:
+        """Each SAE's L1 coefficient at ``step`` (SAELens' linear warm-up, then the floor)."""
+        ramp = min(step, self.l1_warm_up_steps) / self.l1_warm_up_steps if self.l1_warm_up_steps > 0 else 1.0
+        return torch.maximum(self.l1 * ramp, self.l1_floor)
+
+    def loss(self, x: torch.Tensor, step: int, dead: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss of each SAE [S], feature activations [S, B, d_sae]) for inputs ``x`` [S, B, d_in]."""
+        sae_in = x - self.apply_b_dec_to_input * self.b_dec[:, None]
+        # computed as (W_enc^T sae_in^T)^T: for narrow SAEs this layout is several times faster
+        hidden_pre = torch.baddbmm(self.b_enc[:, :, None], self.W_enc.transpose(1, 2), sae_in.transpose(1, 2)).transpose(1, 2)
+        dec_norm = self.W_dec.norm(dim=-1)  # [S, L]
+        if self.topk:
+            if self.rescale:
+                hidden_pre = hidden_pre * dec_norm[:, None]
+            acts = batch_topk(hidden_pre, self.k)
+            decoder = self.W_dec / dec_norm[..., None] if self.rescale else self.W_dec
+        else:
+            acts = hidden_pre.relu()
+            decoder = self.W_dec
+        coefficient = None if self.topk else self.coefficient(step)
+        total = x.new_zeros(x.shape[0])
+        recon, start = self.b_dec[:, None], 0
+        for m, width in enumerate(self.widths):
+            if self.detach and start > 0:
+                recon = recon.detach()
+            recon = recon + torch.bmm(acts[:, :, start:width], decoder[:, start:width])
+            level = self.reconstruction_loss(recon, x, step)
+            if coefficient is not None:
+                lo = start if self.detach else 0
+                weighted = acts[:, :, lo:width] * dec_norm[:, None, lo:width]
+                norm = weighted.abs().sum(dim=-1) if self.lp_norm == 1 else weighted.norm(p=self.lp_norm, dim=-1)
+                level = level + coefficient * norm.mean(dim=1)
+            total = total + self.betas[:, m] * level
+            start = width
+        if self.topk and dead is not None:
+            total = total + self.auxk_loss(x, recon, hidden_pre, dead, decoder)
+        return total, acts
+
+    def reconstruction_loss(self, recon: torch.Tensor, x: torch.Tensor, step: int) -> torch.Tensor:
+        squared = (recon - x).pow(2).sum(dim=-1)
+        if self.loss_kind == "l2" or (self.loss_kind == "snap" and step >= (self.snap_step or 0)):
+            return squared.clamp_min(1e-12).sqrt().mean(dim=1)
+        return squared.mean(dim=1)
+
+    def auxk_loss(
+        self, x: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead: torch.Tensor, decoder: torch.Tensor
+    ) -> torch.Tensor:
+        """SAELens' TopK auxiliary loss, per SAE: the top k_aux dead latents of each input
+        reconstruct the live latents' residual (k_aux = d_in / 2, scaled down if fewer are dead)."""
+        num_dead = dead.sum(dim=1)
+        most = int(num_dead.max())
+        if most == 0:
+            return x.new_zeros(x.shape[0])
+        k_aux = x.shape[-1] // 2
+        scale = (num_dead / k_aux).clamp(max=1.0)
+        top = torch.where(dead[:, None, :], hidden_pre, -torch.inf).topk(min(k_aux, most), dim=-1)
+        keep = torch.arange(top.values.shape[-1]) < torch.clamp(num_dead, max=k_aux)[:, None]
+        values = torch.where(keep[:, None, :], top.values, 0.0)
+        aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
+        residual = (x - sae_out).detach()
+        error = (torch.bmm(aux_acts, decoder) - residual).pow(2).sum(dim=-1).mean(dim=1)
+        coefficient = float(getattr(self.saes[0].cfg, "aux_loss_coefficient", 1.0))
+        return coefficient * scale * error
+
+    @torch.no_grad()
+    def update_topk_threshold(self, acts: torch.Tensor) -> None:
+        """SAELens' running threshold: an average of each SAE's smallest positive activation."""
+        lr = self.saes[0].cfg.topk_threshold_lr
+        smallest = torch.where(acts > 0, acts, torch.inf).flatten(1).amin(dim=1)
+        fired = torch.isfinite(smallest)
+        self.topk_threshold.copy_(torch.where(fired, (1 - lr) * self.topk_threshold + lr * smallest, self.topk_threshold))
+
+    @torch.no_grad()
+    def unstack(self) -> list[TrainingSAE[Any]]:
+        """The trained SAEs as SAELens training SAEs (copies of the originals with the new weights)."""
+        out = []
+        for i, original in enumerate(self.saes):
+            sae = copy_sae(original)
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).data.copy_(getattr(self, name)[i])
+            if self.topk:
+                sae.topk_threshold = self.topk_threshold[i].clone().to(sae.topk_threshold)
+            sae.cfg.sae_lens_training_version = str(sae_lens_version)
+            out.append(sae)
+        return out
+
+
+def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
+    """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
+    each SAE's batch [B, d_sae] and zero the rest."""
+    acts = hidden_pre.relu()
+    flat = acts.flatten(1)
+    top = flat.topk(int(k * acts.shape[1]), dim=-1)
+    return torch.zeros_like(flat).scatter(-1, top.indices, top.values).view_as(acts)
+
+
+def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
+    model = StackedSAEs([job.sae for job in jobs])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.adam_betas, foreach=True)
+    since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1])
+    inputs = _stacked_batches(jobs)
+    bar = tqdm(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+    for step in range(settings.steps):
+        x = next(inputs)
+        dead = since_fired > settings.dead_feature_window if model.topk else None
+        loss, acts = model.loss(x, step, dead)
+        loss.sum().backward()
+        _clip_per_sae(list(model.parameters()), settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            fired = (acts > 0).any(dim=1)
+            since_fired += 1
+            since_fired[fired] = 0
+        if model.topk:
+            model.update_topk_threshold(acts.detach())
+        bar.update()
+    bar.close()
+    return model.unstack()
+
+
+def _stacked_batches(jobs: Sequence[Job]) -> Iterator[torch.Tensor]:
+    """[S, B, d_in] batches: one iterator per distinct data stream, shared by the jobs that use it."""
+    streams: dict[str, Iterator[torch.Tensor]] = {}
+    index = []
+    for job in jobs:
+        key = json.dumps({"data": job.data, "start": job.start_batch}, sort_keys=True, default=str)
+        if key not in streams:
+            streams[key] = job.stream(job.start_batch)
+        index.append(list(streams).index(key))
+    while True:
+        batches = [next(it) for it in streams.values()]
+        if len(batches) == 1:
+            yield batches[0].expand(len(jobs), *batches[0].shape)
+        else:
+            yield torch.stack([batches[i] for i in index])
+
+
+def _clip_per_sae(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` applied to each SAE of the stack on its own."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.stack([g.pow(2).flatten(1).sum(dim=1) for g in grads]).sum(dim=0).sqrt()
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view(-1, *[1] * (g.ndim - 1)))
+
+
+def _group_key(job: Job) -> str:
+    """SAEs with the same key train as one stack: same class, same config but coefficients."""
+    cfg = _cfg_key(job.sae)
+    for numeric in ("l1_coefficient", "l1_floor", "level_coefficients", "coefficient_multiplier"):
+        cfg.pop(numeric, None)
+    return json.dumps({"class": type(job.sae).__name__, "cfg": cfg, "start": job.start_batch}, sort_keys=True, default=str)
+
+
+def _cfg_key(sae: TrainingSAE[Any]) -> dict[str, Any]:
+    cfg = sae.cfg.to_dict()
+    for volatile in ("metadata", "sae_lens_training_version", "device", "dtype"):
+        cfg.pop(volatile, None)
+    return cfg
+
+
+def _describe(names: Sequence[str], jobs: Sequence[Job]) -> str:
+    first = jobs[0].label or names[0]
+    arch = jobs[0].sae.cfg.architecture()
+    return first if len(jobs) == 1 else f"{len(jobs)} {arch} SAEs ({first}, ...)"
+
+
+# ---------------------------------------------------------------------------------------
+# Small tools
+
+
+def check_steps(sae: TrainingSAE[Any], steps: int, name: str = "") -> None:
+    """Raise if the SAE's config needs a step beyond training (e.g. snap loss switching late)."""
+    if hasattr(sae.cfg, "check_training_steps"):
+        sae.cfg.check_training_steps(steps)
+
+
+def copy_sae(sae: TrainingSAE[Any]) -> TrainingSAE[Any]:
+    """An independent copy of a training SAE (same class, config and weights)."""
+    clone = type(sae)(type(sae.cfg).from_dict(sae.cfg.to_dict()))
+    clone.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    return clone
+
+
+def weights_hash(sae: TrainingSAE[Any]) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's global RNG (which SAELens' generators and initialisers use) for a block,
+    restoring the previous state afterwards."""
+    if seed is None:
+        yield
+        return
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def _tqdm_disabled(disabled: bool) -> Iterator[None]:
+    original = sae_trainer_module.tqdm
+    if disabled:
+        sae_trainer_module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        sae_trainer_module.tqdm = original
