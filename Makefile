@@ -2,7 +2,7 @@
 #   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
 #   make test      unit tests + notebook validation (nbval) on the fast `ci` profile
 #   make lab       open JupyterLab on the notebooks
-#   make benchmark activation-caching throughput of the default model against this machine's matmul speed
+#   make benchmark toy training (SAELens one at a time vs batched), and activation caching against this machine's matmul speed
 PYTHON ?= python3
 PROFILE ?= small
 # torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
@@ -34,6 +34,7 @@ notebooks: env
 	HEDGING_PROFILE=ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
 benchmark: env
+	$(BIN)/python benchmarks/toy_training.py
 	$(BIN)/python benchmarks/activation_caching.py
 
 lab: env

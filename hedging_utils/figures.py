@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from hedging_utils.profiles import REPO_ROOT, Profile, figures_dir, resolve_profile
+from hedging_utils.training import TEXT_PROGRESS_ENV
 
 MANIFEST = "manifest.json"
 
@@ -182,6 +183,7 @@ def run_notebooks(profile: str, only: Sequence[str] = ()) -> None:
     import papermill as pm
 
     resolved = resolve_profile(profile)
+    os.environ.setdefault(TEXT_PROGRESS_ENV, "1")  # progress bars as text, so the log shows them
     todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
     out = REPO_ROOT / "build" / "notebooks" / resolved.name
     out.mkdir(parents=True, exist_ok=True)

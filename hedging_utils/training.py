@@ -26,6 +26,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-from tqdm.auto import tqdm
+import tqdm as tqdm_text
+import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
@@ -50,6 +52,10 @@ from hedging_utils.variants import BalanceMatryoshkaMixin
 CACHE_VERSION = 2  # 2: one TrainSettings in every key; stacked training; chunked toy streams
 
 DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
+
+TEXT_PROGRESS_ENV = "HEDGING_TEXT_PROGRESS"
+"""Set (by the headless runner) to draw progress bars as text, which a log keeps; otherwise a
+notebook gets widget bars."""
 
 Stream = Callable[[int], Iterator[torch.Tensor]]
 """``stream(start_batch)`` yields training batches from batch index ``start_batch`` on; the
@@ -372,7 +378,8 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.adam_betas, foreach=True)
     since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1])
     inputs = _stacked_batches(jobs)
-    bar = tqdm(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+    progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
+    bar = progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
     for step in range(settings.steps):
         x = next(inputs)
         dead = since_fired > settings.dead_feature_window if model.topk else None
