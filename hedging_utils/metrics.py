@@ -38,6 +38,11 @@ class HedgingDegree:
             ||Proj(Delta)||^2 / ||Delta||^2 over all original latents (the post's "portion").
         portion_random: the same share for random spans, mean over draws (about N/D).
         delta_norm: per original latent, ||delta_i||.
+
+    ``rate`` is the authors' normalised, clamped form of h (``hedging_rate`` in their
+    ``hedging_paper/evals/hedging_eval.py``, which their Figure 15 plots as "hedging degree"):
+    max(0, (p_new - p_rand) / (1 - p_rand)), with p_new and p_rand the mean projections above
+    (their decoder rows are divided by the control's mean decoder norm; ours are unit rows).
     """
 
     h: float
@@ -48,8 +53,13 @@ class HedgingDegree:
     portion_random: float
     delta_norm: np.ndarray
 
+    @property
+    def rate(self) -> float:
+        p_new, p_random = float(self.projection_new.mean()), float(self.projection_random.mean())
+        return max(0.0, (p_new - p_random) / (1 - p_random))
+
     def summary(self) -> dict[str, float]:
-        return {"h": self.h, "h_random_spread": self.h_random_spread, "portion_new": self.portion_new,
+        return {"h": self.h, "h_random_spread": self.h_random_spread, "hedging_rate": self.rate, "portion_new": self.portion_new,
                 "portion_random": self.portion_random, "mean_delta_norm": float(self.delta_norm.mean())}
 
 

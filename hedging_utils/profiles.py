@@ -119,12 +119,13 @@ class Profile:
         balance_steps, balance_batch_size: the same for the balance-matryoshka toy SAEs (P8,
             P20, the beta sweep; the authors': 24,414 steps of 128,
             ``notebooks/balancing_hedging_and_absorption.ipynb``).
-        hedging_toy_samples: base and continued training samples per SAE of the hedging-degree
-            toy (P15: 3M + 3M in the paper).
+        hedging_toy_steps: base and continued training steps (of ``toy_batch_size``) per SAE of
+            the hedging-degree toy (P15; the authors': 24,415 + 24,415,
+            ``notebooks/large_toy_model_experiments.ipynb``).
         growing_group_samples: samples between added groups of the growing toy SAE.
         growing_total_samples: the budget every width of the growing toy SAE is trained to.
         sweep_points: number of points in a parameter sweep (correlation, probability, beta).
-        seeds: number of seeds where a figure reports spread over seeds.
+        seeds: seeds of the hedging-degree toy (P15; the authors' 4).
         llm: the numbers of the LLM figures.
     """
 
@@ -133,7 +134,7 @@ class Profile:
     toy_batch_size: int
     balance_steps: int
     balance_batch_size: int
-    hedging_toy_samples: int
+    hedging_toy_steps: int
     growing_group_samples: int
     growing_total_samples: int
     sweep_points: int
@@ -183,25 +184,27 @@ CI_LLM = LLMScale(
 )
 
 # The authors' toy runs: SAELens' trainer with training_tokens=100M at train_batch_size_tokens=4096,
-# but their synthetic activation store yields one batch of `context_size` samples per step, so a
-# run is 100M // 4096 = 24,414 optimiser steps (hedging_paper/toy_models/train_toy_sae.py).
-AUTHORS_TOY_STEPS = 100_000_000 // 4096
+# but their synthetic activation store yields one batch of `context_size` samples per step, and
+# SAELens' loop steps while fewer than 100M "tokens" are counted: ceil(100M / 4096) = 24,415
+# optimiser steps (hedging_paper/toy_models/train_toy_sae.py).
+AUTHORS_TOY_STEPS = -(-100_000_000 // 4096)
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_steps=400, toy_batch_size=500, balance_steps=400, balance_batch_size=128,
-                  hedging_toy_samples=102_400, growing_group_samples=51_200, growing_total_samples=512_000,
+                  hedging_toy_steps=200, growing_group_samples=51_200, growing_total_samples=512_000,
                   sweep_points=3, seeds=1, llm=CI_LLM),
     # Toy SAEs at the authors' step counts and batch sizes (trained together, see
-    # hedging_utils.training); P15, the growing toy and the sweeps are cut so that every notebook
-    # together runs within an hour on 2 CPU cores (the paper's: 3M + 3M for P15, 11-point sweeps).
+    # hedging_utils.training); P15 (8,192 + 8,192 steps, 2 seeds), the growing toy and the sweeps
+    # are cut so that every notebook together runs within an hour on 2 CPU cores (the authors':
+    # 24,415 + 24,415 steps and 4 seeds for P15, 11-point sweeps).
     "small": Profile(name="small", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
-                     hedging_toy_samples=2_048_000, growing_group_samples=512_000, growing_total_samples=7_680_000,
+                     hedging_toy_steps=8_192, growing_group_samples=512_000, growing_total_samples=7_680_000,
                      sweep_points=7, seeds=2, llm=SMALL_LLM),
     "paper": Profile(name="paper", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
-                     hedging_toy_samples=3_000_000, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=5, llm=PAPER_LLM),
+                     hedging_toy_steps=AUTHORS_TOY_STEPS, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
+                     sweep_points=11, seeds=4, llm=PAPER_LLM),
 }
 
 

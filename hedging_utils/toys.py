@@ -350,6 +350,13 @@ def toy_job(
     )
 
 
+def toy_training(steps: int, batch_size: int) -> TrainSettings:
+    """The authors' toy optimiser (``hedging_paper/toy_models/train_toy_sae.py``): Adam at a
+    constant 3e-4 with SAELens 5.10.2's default betas (0.0, 0.999) (their ``poetry.lock``; SAELens
+    6 defaults to beta1 = 0.9), gradients clipped at norm 1, for ``steps`` steps of ``batch_size``."""
+    return TrainSettings(steps=steps, batch_size=batch_size, lr=3e-4, adam_betas=(0.0, 0.999))
+
+
 def train_toy_saes(jobs: Mapping[str, Job], settings: TrainSettings, **kwargs: Any) -> dict[str, TrainingSAE[Any]]:
     """Train a sweep of toy SAEs together (cached under ``data/cache/toy_saes``)."""
     return train_saes(jobs, settings, kind="toy_saes", **kwargs)

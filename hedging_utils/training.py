@@ -249,15 +249,20 @@ class StackedSAEs(torch.nn.Module):
         self.topk = isinstance(first, BatchTopKTrainingSAE)
         self.rescale = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)) and self.topk
         self.apply_b_dec_to_input = float(cfg.apply_b_dec_to_input)
-        self.widths = list(getattr(cfg, "matryoshka_widths", None) or [cfg.d_sae])
+        self.widths = [max(s.cfg.d_sae for s in saes)] if _single_level(first) else list(cfg.matryoshka_widths)
         self.detach = bool(getattr(cfg, "detach_inner_levels", False))
         self.loss_kind = getattr(cfg, "reconstruction_loss", "mse")
         self.snap_step = getattr(cfg, "snap_step", None)
         self.lp_norm = getattr(cfg, "lp_norm", 1.0)
         self.l1_warm_up_steps = getattr(cfg, "l1_warm_up_steps", 0)
         self.k = getattr(cfg, "k", None)
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            self.register_parameter(name, torch.nn.Parameter(torch.stack([getattr(s, name).detach() for s in saes]).clone()))
+        # single-level SAEs of different widths share one stack: each is padded to the widest
+        # with latents whose activations are held at 0, so they get no gradient and never count
+        width = self.widths[-1]
+        self.register_buffer("latent_mask", torch.stack([torch.arange(width) < s.cfg.d_sae for s in saes]))
+        for name, pad_dim in (("W_enc", 1), ("b_enc", 0), ("W_dec", 0), ("b_dec", None)):
+            stacked = torch.stack([_pad(getattr(s, name).detach(), pad_dim, width) for s in saes]).clone()
+            self.register_parameter(name, torch.nn.Parameter(stacked))
         betas = [s.cfg.level_betas() if isinstance(s, BalanceMatryoshkaMixin) else [1.0] * len(self.widths) for s in saes]
         self.register_buffer("betas", torch.tensor(betas, dtype=self.W_enc.dtype))
         self.register_buffer("l1", torch.tensor([float(getattr(s.cfg, "l1_coefficient", 0.0)) for s in saes]))
@@ -291,18 +296,19 @@ class StackedSAEs(torch.nn.Module):
         if self.topk:
             if self.rescale:
                 hidden_pre = hidden_pre * dec_norm[:, None]
-            acts = batch_topk(hidden_pre, self.k)
+            acts = batch_topk(torch.where(self.latent_mask[:, None], hidden_pre, 0.0), self.k)
             decoder = self.W_dec / dec_norm[..., None] if self.rescale else self.W_dec
         else:
-            acts = hidden_pre.relu()
+            acts = torch.where(self.latent_mask[:, None], hidden_pre.relu(), 0.0)
             decoder = self.W_dec
         coefficient = None if self.topk else self.coefficient(step)
         total = x.new_zeros(x.shape[0])
-        recon, start = self.b_dec[:, None], 0
+        latents, start = 0, 0
         for m, width in enumerate(self.widths):
             if self.detach and start > 0:
-                recon = recon.detach()
-            recon = recon + torch.bmm(acts[:, :, start:width], decoder[:, start:width])
+                latents = latents.detach()  # the inner levels' latents, not the shared b_dec
+            latents = latents + torch.bmm(acts[:, :, start:width], decoder[:, start:width])
+            recon = self.b_dec[:, None] + latents
             level = self.reconstruction_loss(recon, x, step)
             if coefficient is not None:
                 lo = start if self.detach else 0
@@ -355,8 +361,11 @@ class StackedSAEs(torch.nn.Module):
         out = []
         for i, original in enumerate(self.saes):
             sae = copy_sae(original)
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, name).data.copy_(getattr(self, name)[i])
+            width = original.cfg.d_sae
+            sae.W_enc.data.copy_(self.W_enc[i, :, :width])
+            sae.b_enc.data.copy_(self.b_enc[i, :width])
+            sae.W_dec.data.copy_(self.W_dec[i, :width])
+            sae.b_dec.data.copy_(self.b_dec[i])
             if self.topk:
                 sae.topk_threshold = self.topk_threshold[i].clone().to(sae.topk_threshold)
             sae.cfg.sae_lens_training_version = str(sae_lens_version)
@@ -366,11 +375,13 @@ class StackedSAEs(torch.nn.Module):
 
 def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
     """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
-    each SAE's batch [B, d_sae] and zero the rest."""
+    each SAE's batch [B, d_sae] and zero the rest (found with a k-th value threshold, which is
+    faster than ``topk`` and selects the same entries unless values tie)."""
     acts = hidden_pre.relu()
     flat = acts.flatten(1)
-    top = flat.topk(int(k * acts.shape[1]), dim=-1)
-    return torch.zeros_like(flat).scatter(-1, top.indices, top.values).view_as(acts)
+    with torch.no_grad():
+        threshold = flat.kthvalue(flat.shape[1] - int(k * acts.shape[1]) + 1, dim=1).values
+    return torch.where(flat >= threshold[:, None], flat, 0.0).view_as(acts)
 
 
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
@@ -382,7 +393,7 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
     bar = progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
     for step in range(settings.steps):
         x = next(inputs)
-        dead = since_fired > settings.dead_feature_window if model.topk else None
+        dead = (since_fired > settings.dead_feature_window) & model.latent_mask if model.topk else None
         loss, acts = model.loss(x, step, dead)
         loss.sum().backward()
         _clip_per_sae(list(model.parameters()), settings.grad_clip)
@@ -426,11 +437,33 @@ def _clip_per_sae(params: Sequence[torch.Tensor], max_norm: float) -> None:
 
 
 def _group_key(job: Job) -> str:
-    """SAEs with the same key train as one stack: same class, same config but coefficients."""
+    """SAEs with the same key train as one stack: same class, same config but coefficients and,
+    for single-level SAEs, width."""
     cfg = _cfg_key(job.sae)
-    for numeric in ("l1_coefficient", "l1_floor", "level_coefficients", "coefficient_multiplier"):
-        cfg.pop(numeric, None)
+    numeric = ["l1_coefficient", "l1_floor", "level_coefficients", "coefficient_multiplier"]
+    if _single_level(job.sae):
+        numeric += ["d_sae", "matryoshka_widths"]
+    for name in numeric:
+        cfg.pop(name, None)
     return json.dumps({"class": type(job.sae).__name__, "cfg": cfg, "start": job.start_batch}, sort_keys=True, default=str)
+
+
+def _single_level(sae: TrainingSAE[Any]) -> bool:
+    widths = getattr(sae.cfg, "matryoshka_widths", None) or [sae.cfg.d_sae]
+    return list(widths) == [sae.cfg.d_sae]
+
+
+def _pad(value: torch.Tensor, dim: int | None, width: int) -> torch.Tensor:
+    """``value`` padded along its latent dimension ``dim`` to ``width``: zeros, except decoder
+    rows (dim 0 of a matrix), which get unit norm so that decoder-norm rescaling stays finite."""
+    if dim is None or value.shape[dim] == width:
+        return value
+    shape = list(value.shape)
+    shape[dim] = width - value.shape[dim]
+    pad = value.new_zeros(shape)
+    if value.ndim == 2 and dim == 0:
+        pad += value.shape[1] ** -0.5
+    return torch.cat([value, pad], dim=dim)
 
 
 def _cfg_key(sae: TrainingSAE[Any]) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 where a_hat_m reconstructs the input from the first m latents and S_m is the sparsity penalty on
 them. beta_m = 1 for every level is a standard matryoshka SAE; beta_m = 0 for every inner level
 is a standard SAE; ``detach_inner_levels`` ("beta = infinity" in P8) stops the outer levels'
-losses from sending gradient into the latents of the levels inside them, and into b_dec through
-the reconstruction (b_dec belongs to the innermost level; it still centres every encoder's input).
+losses from sending gradient into the latents of the levels inside them; b_dec, shared by every
+level, still gets gradient from all of them (as in the authors' ``iterable_decode``, which adds
+the undetached b_dec at every level).
 
 **Reconstruction loss** (the post): ``"mse"`` (squared error norm, the default), ``"l2"`` (the
 norm of the error, not squared) or ``"snap"`` (MSE until ``snap_step`` training steps, L2
@@ -147,11 +148,12 @@ class BalanceMatryoshkaMixin:
         """(start, width, reconstruction from the first ``width`` latents) per level. In
         detached mode the inner part of each outer reconstruction carries no gradient."""
         rescale = getattr(self.cfg, "rescale_acts_by_decoder_norm", False)
-        out, start, recon = [], 0, self.b_dec  # type: ignore[attr-defined]
+        out, start, latents = [], 0, 0
         for width in self.cfg.matryoshka_widths:
             if self.cfg.detach_inner_levels and start > 0:
-                recon = recon.detach()
-            recon = recon + act_times_W_dec(feature_acts[:, start:width], self.W_dec[start:width], rescale)  # type: ignore[attr-defined]
+                latents = latents.detach()  # type: ignore[union-attr]
+            latents = latents + act_times_W_dec(feature_acts[:, start:width], self.W_dec[start:width], rescale)  # type: ignore[attr-defined]
+            recon = self.b_dec + latents  # type: ignore[attr-defined]
             out.append((start, width, self.run_time_activation_norm_fn_out(recon)))  # type: ignore[attr-defined]
             start = width
         return out

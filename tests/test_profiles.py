@@ -41,8 +41,9 @@ def test_profiles_only_change_numbers():
     fields = {tuple(sorted(p.to_dict())) for p in PROFILES.values()}
     assert len(fields) == 1
     assert {tuple(sorted(p.llm.__dataclass_fields__)) for p in PROFILES.values()} == {tuple(sorted(PROFILES["ci"].llm.__dataclass_fields__))}
-    assert PROFILES["paper"].toy_steps == 24_414 and PROFILES["paper"].toy_batch_size == 500  # the authors' toy runs
-    assert PROFILES["paper"].balance_steps == 24_414 and PROFILES["paper"].balance_batch_size == 128
+    assert PROFILES["paper"].toy_steps == 24_415 and PROFILES["paper"].toy_batch_size == 500  # the authors' toy runs
+    assert PROFILES["paper"].balance_steps == 24_415 and PROFILES["paper"].balance_batch_size == 128
+    assert PROFILES["paper"].hedging_toy_steps == 24_415 and PROFILES["paper"].seeds == 4
     assert PROFILES["small"].toy_steps == PROFILES["paper"].toy_steps
 
 

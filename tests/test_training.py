@@ -98,3 +98,15 @@ def test_other_adam_betas_change_training_the_same_way_in_both_paths():
 
 def test_make_sae_builds_any_registered_architecture():
     assert make_sae(6, 3, "balance_matryoshka_batchtopk", k=1).cfg.d_sae == 3
+
+
+def test_batchtopk_saes_of_different_widths_share_a_padded_stack():
+    jobs = {w: toy_job(TWENTY, w, batch_size=200, seed=w, architecture="batchtopk", k=2.5, init="random",
+                       rescale_acts_by_decoder_norm=rescale)
+            for w, rescale in ((8, True), (12, True))}
+    settings = TrainSettings(steps=60, batch_size=200, dead_feature_window=5)
+    stacked = train_together(jobs, settings, progress=False)
+    for w, job in jobs.items():
+        reference = train_with_sae_lens(job, settings)
+        assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], reference) < 1e-4
+        assert float(stacked[w].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=1e-4)
