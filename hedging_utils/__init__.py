@@ -3,11 +3,12 @@
 Modules, one concept each:
 
 - ``profiles``: the ``ci`` / ``small`` / ``paper`` profiles and parameter checks;
-- ``toys``: toy models of orthogonal features on SAELens' synthetic data, and SAEs trained on them;
+- ``training``: one ``TrainSettings``; building, training (a sweep as one stacked computation) and caching SAEs;
+- ``toys``: toy models of orthogonal features on SAELens' synthetic data, and the SAEs trained on them;
 - ``theory``: exact loss curves of a tied latent and the MSE-optimal (OLS) decoder of appendix A.4;
 - ``variants``: balance matryoshka (L1, BatchTopK) and MSE / L2 / snap losses as SAELens architectures;
 - ``extension``: extending an SAE by N latents, control vs extended on identical batches, growing SAEs;
-- ``metrics``: hedging degree and the measurements the notebooks sweep;
+- ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
 - ``figures``: saving figures with their data and manifest entries, and running the notebooks;
 - ``cache``: settings-keyed, atomically written disk cache.

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
-from hedging_utils.cache import cache_root, cached_dir, settings_key
+from hedging_utils.cache import cache_root, settings_key
 from hedging_utils.extension import ExtensionPair, control_and_extended
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError, check_positive_int

@@ -13,7 +13,7 @@ WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def _max_difference(a, b):
-    return max(float((getattr(a, name) - getattr(b, name)).abs().max()) for name in WEIGHTS)
+    return max(float((getattr(a, name) - getattr(b, name)).detach().abs().max()) for name in WEIGHTS)
 
 
 SWEEPS = {
