@@ -32,6 +32,12 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def cached_entry(kind: str, settings: dict[str, Any]) -> Path | None:
+    """The complete cache entry for ``settings``, or None if there is none (yet)."""
+    path = cache_root() / kind / settings_key(settings)
+    return path if (path / COMPLETE_MARKER).exists() else None
+
+
 def cached_dir(kind: str, settings: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """Return the cache directory for ``settings``, calling ``build(tmp_dir)`` to fill it
     first if it does not exist yet. ``build`` writes into a fresh temporary directory that

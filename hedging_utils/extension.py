@@ -46,8 +46,8 @@ def _with_new_latents(
     sae: TrainingSAE[Any], n_new: int, init_norm: float = 0.1, seed: int = 0, l1_rewarmup_steps: int | None = None,
     l1_floor: float | None = None,
 ) -> TrainingSAE[Any]:
-    """``extend_sae`` without its check, so that ``n_new = 0`` gives the control: a copy with
-    the same L1 re-warm-up and floor."""
+    """``extend_sae`` without its check, so that ``n_new = 0`` gives a copy to continue (a
+    control, with the same L1 re-warm-up and floor as its extended twin)."""
     old = sae.cfg.d_sae
     cfg = _continued_cfg(sae.cfg).to_dict()
     cfg["d_sae"] = old + n_new
@@ -139,20 +139,13 @@ def continue_training(
     cache: bool = True,
 ) -> TrainingSAE[Any]:
     """A copy of ``sae`` trained further on ``stream`` from batch ``start_batch``."""
-    job = Job(copy_sae_continued(sae), stream, data, start_batch)
+    job = Job(_with_new_latents(sae, 0), stream, data, start_batch)
     return train_saes({"sae": job}, settings, kind="continued_saes", cache=cache)["sae"]
 
 
 def _continued_cfg(cfg: Any) -> Any:
     """The config for training further: an L1 warm-up already happened, so it is not repeated."""
     return replace(cfg, l1_warm_up_steps=0) if getattr(cfg, "l1_warm_up_steps", 0) else replace(cfg)
-
-
-def copy_sae_continued(sae: TrainingSAE[Any]) -> TrainingSAE[Any]:
-    """A copy of ``sae`` to train further (its L1 warm-up, already done, is not repeated)."""
-    clone = type(sae)(_continued_cfg(sae.cfg))
-    clone.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
-    return clone
 
 
 @dataclass

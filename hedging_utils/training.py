@@ -29,7 +29,6 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -45,7 +44,7 @@ import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
-from hedging_utils.cache import cached_dir
+from hedging_utils.cache import cached_dir, cached_entry
 from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
@@ -159,25 +158,17 @@ def train_saes(
     atomically, so an interrupted sweep resumes with what finished.
     """
     for name, job in jobs.items():
-        check_steps(job.sae, settings.steps, name)
+        check_steps(job.sae, settings.steps)
     if not cache:
         return train_together(jobs, settings, progress=progress)
     keys = {name: job.cache_settings(settings) for name, job in jobs.items()}
-    done = {name: cached_path(kind, key) for name, key in keys.items()}
+    done = {name: cached_entry(kind, key) for name, key in keys.items()}
     missing = {name: job for name, job in jobs.items() if done[name] is None}
     if missing:
         trained = train_together(missing, settings, progress=progress)
         for name, sae in trained.items():
             done[name] = cached_dir(kind, keys[name], lambda path, sae=sae: sae.save_model(path))
     return {name: TrainingSAE.load_from_disk(done[name]) for name in jobs}
-
-
-def cached_path(kind: str, settings: dict[str, Any]) -> Path | None:
-    """The cache entry for ``settings`` if it is complete, else None."""
-    from hedging_utils.cache import COMPLETE_MARKER, cache_root, settings_key
-
-    path = cache_root() / kind / settings_key(settings)
-    return path if (path / COMPLETE_MARKER).exists() else None
 
 
 def train_together(
@@ -483,7 +474,7 @@ def _describe(names: Sequence[str], jobs: Sequence[Job]) -> str:
 # Small tools
 
 
-def check_steps(sae: TrainingSAE[Any], steps: int, name: str = "") -> None:
+def check_steps(sae: TrainingSAE[Any], steps: int) -> None:
     """Raise if the SAE's config needs a step beyond training (e.g. snap loss switching late)."""
     if hasattr(sae.cfg, "check_training_steps"):
         sae.cfg.check_training_steps(steps)
