@@ -232,12 +232,14 @@ def grow_saes(
 
 def grow_by_doubling(
     starts: Mapping[Any, PairSpec], *, doublings: int, samples_per_stage: int, settings: TrainSettings,
+    double: bool = True,
 ) -> dict[Any, list[TrainingSAE[Any]]]:
     """Double each start's ``base`` ``doublings`` times (the post's growing SAE "extended by
     doubling"): each stage appends as many new latents as the SAE has (``extend_sae``, seeded
     by the start's ``seed`` plus the stage) and trains for ``samples_per_stage`` samples of the
-    start's ``stream``, from its ``start_batch`` on. The starts (e.g. seeds) train in lockstep.
-    Returns, per start, the base and the SAE after every stage, in order of width."""
+    start's ``stream``, from its ``start_batch`` on. ``double=False`` gives the control: the
+    same stages on the same batches without new latents. The starts (e.g. seeds) train in
+    lockstep. Returns, per start, the base and the SAE after every stage."""
     check_positive_int("doublings", doublings)
     steps = max(1, samples_per_stage // settings.batch_size)
     out = {key: [spec.base] for key, spec in starts.items()}
@@ -245,8 +247,9 @@ def grow_by_doubling(
         jobs = {}
         for key, spec in starts.items():
             current = out[key][-1]
-            jobs[key] = Job(extend_sae(current, current.cfg.d_sae, seed=spec.seed + stage), spec.stream, spec.data,
-                            spec.start_batch + (stage - 1) * steps, label=f"{key} x2 to {2 * current.cfg.d_sae}")
+            n_new = current.cfg.d_sae if double else 0
+            jobs[key] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage), spec.stream, spec.data,
+                            spec.start_batch + (stage - 1) * steps, label=f"{key} stage {stage}, width {current.cfg.d_sae + n_new}")
         for key, sae in train_saes(jobs, replace(settings, steps=steps), kind="continued_saes").items():
             out[key].append(sae)
     return out

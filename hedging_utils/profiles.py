@@ -174,7 +174,7 @@ SMALL_LLM = LLMScale(
     widths=(32, 64, 128, 256), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
     growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,
-    growing_l1_coefficient=1.5, doubling_tokens=163_840, seeds=2,
+    growing_l1_coefficient=1.5, doubling_tokens=81_920, seeds=2,
 )
 
 CI_LLM = LLMScale(

@@ -184,7 +184,7 @@ class ToySetting:
             modifiers.append(AnyChildParentModifier([h for h in self.hierarchies if h.parent_fires_with_any_child]))
         if self.conditionals:
             modifiers.append(ConditionalFiringModifier(self.conditionals))
-        corr = None if self.correlation_matrix is None else copula_factors(self.correlation_matrix)
+        corr = None if self.correlation_matrix is None else torch.tensor(self.correlation_matrix, dtype=torch.float32)
         return ActivationGenerator(
             self.num_features,
             torch.tensor(self.firing_probabilities),
@@ -217,8 +217,7 @@ class ToySetting:
 
     def stream_key(self, batch_size: int, seed: int = 0) -> dict[str, Any]:
         """What identifies ``self.stream(batch_size, seed)`` in a cache key."""
-        key = {"toy": self.to_dict(), "batch_size": batch_size, "stream_seed": seed, "chunk_batches": STREAM_CHUNK_BATCHES}
-        return key if self.correlation_matrix is None else {**key, "copula": "low_rank_split"}
+        return {"toy": self.to_dict(), "batch_size": batch_size, "stream_seed": seed, "chunk_batches": STREAM_CHUNK_BATCHES}
 
     def joint_firing_distribution(self) -> tuple[np.ndarray, np.ndarray]:
         """The exact joint distribution of which features fire.
@@ -361,22 +360,6 @@ def toy_training(steps: int, batch_size: int) -> TrainSettings:
 def train_toy_saes(jobs: Mapping[str, Job], settings: TrainSettings, **kwargs: Any) -> dict[str, TrainingSAE[Any]]:
     """Train a sweep of toy SAEs together (cached under ``data/cache/toy_saes``)."""
     return train_saes(jobs, settings, kind="toy_saes", **kwargs)
-
-
-def copula_factors(correlation_matrix: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``correlation_matrix`` C as SAELens' low-rank copula form (F, d) with F F^T + diag(d) = C:
-    d = half C's smallest eigenvalue, F the Cholesky factor of C - d I (full rank, exact).
-
-    SAELens samples a full correlation matrix through ``MultivariateNormal``, whose batched
-    matrix-vector product costs ~4 ms per batch of 1,024 and dominated the correlated toys'
-    training; its low-rank path draws the same distribution with one matrix product."""
-    c = torch.tensor(correlation_matrix, dtype=torch.float64)
-    smallest = float(torch.linalg.eigvalsh(c).min())
-    if not smallest > 0:
-        raise ParameterError(f"correlation_matrix is not positive definite (smallest eigenvalue {smallest:.3g}).")
-    diag = torch.full((len(c),), smallest / 2, dtype=torch.float64)
-    factor = torch.linalg.cholesky(c - torch.diag(diag))
-    return factor.float(), diag.float()
 
 
 def _per_feature(value: float | Sequence[float], n: int) -> torch.Tensor:

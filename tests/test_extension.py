@@ -186,5 +186,8 @@ def test_doubling_keeps_each_stage_and_its_latents():
         assert [sae.cfg.d_sae for sae in saes] == [2, 4, 8]
         assert saes[0] is starts[s].base
     assert not torch.equal(grown[0][1].W_dec, grown[1][1].W_dec)  # seeds differ in new latents and batches
+    control = grow_by_doubling(starts, doublings=2, samples_per_stage=3 * 32, settings=TrainSettings(steps=1, batch_size=32),
+                               double=False)
+    assert [sae.cfg.d_sae for sae in control[0]] == [2, 2, 2]
     with pytest.raises(ParameterError, match="doublings"):
         grow_by_doubling(starts, doublings=0, samples_per_stage=32, settings=TrainSettings(steps=1, batch_size=32))
