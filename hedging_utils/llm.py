@@ -49,7 +49,8 @@ from hedging_utils.cache import cache_root, settings_key
 from hedging_utils.extension import ExtensionPair, control_and_extended
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.training import DEAD_FEATURE_WINDOW, Job, Stream, TrainSettings, make_sae, seeded, train_saes
+from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, Stream, TrainSettings, make_sae, seeded, train_saes,
+                                    training_device)
 
 HUB_HOST = "huggingface.co"
 PILE = "monology/pile-uncopyrighted"
@@ -507,7 +508,7 @@ def cache_activations(
     n_tokens: int,
     shard_sequences: int = 128,
     model_batch_sequences: int = 16,
-    device: str = "cpu",
+    device: str | None = None,
     loaded_model: Any = None,
     progress: bool = True,
     _stop_after_shards: int | None = None,
@@ -518,9 +519,11 @@ def cache_activations(
     One forward pass serves every layer. Shards already on disk are reused, so a rerun after
     an interruption resumes; the model is loaded only if a shard is missing. Activations are
     stored in float32 (BOS positions included, dropped at training time).
+    ``device`` runs the model (default: ``training_device()``, CUDA when present).
     ``_stop_after_shards`` simulates an interruption (tests).
     """
     spec, layers, corpus = check_llm_setup(model, layers, corpus)
+    device = str(training_device()) if device is None else device
     check_positive_int("n_tokens", n_tokens)
     check_positive_int("context_size", context_size)
     shard_tokens = shard_sequences * context_size
@@ -624,16 +627,17 @@ def train_llm_sae(
     seed: int = 0,
     stream_seed: int = 0,
     label: str = "",
+    window_bytes: int | None = None,
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
     """Train a fresh SAE (any registered SAELens architecture, initialised with ``seed``;
     ``sae_cfg`` goes to its config, e.g. ``k`` or ``l1_coefficient``) on the first
-    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed)``.
+    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)``.
     Cached on disk under every setting (``data/cache/llm_saes``), so reruns load it."""
     check_positive_int("d_sae", d_sae)
     with seeded(seed):
         sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
-    stream = source.stream(settings.batch_size, stream_seed)
+    stream = source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)
     job = Job(sae, stream, stream.key(), init={"seed": seed}, label=label or f"{architecture} width {d_sae}")
     return train_saes({"sae": job}, settings, kind="llm_saes")["sae"]
 
@@ -707,18 +711,20 @@ def measure_hedging(
     n_random_draws: int = 10,
     dead_feature_window: int = DEAD_FEATURE_WINDOW,
     extend_kwargs: dict[str, Any] | None = None,
+    window_bytes: int | None = None,
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
     """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
-    Token counts are used in whole batches. Every SAE is cached."""
+    Token counts are used in whole batches. Every SAE is cached. ``window_bytes`` bounds the
+    activations the stream holds (``ActivationSource.stream``)."""
     base_settings = TrainSettings.for_samples(base_tokens, batch_size, lr=lr, dead_feature_window=dead_feature_window)
     continued = TrainSettings.for_samples(continued_tokens, batch_size, lr=lr if continued_lr is None else continued_lr,
                                           dead_feature_window=dead_feature_window)
     base = train_llm_sae(source, width, base_settings, architecture=architecture, seed=seed, stream_seed=seed,
-                         label=f"{architecture} width {width} seed {seed}", **sae_cfg)
-    stream = source.stream(batch_size, seed)
+                         label=f"{architecture} width {width} seed {seed}", window_bytes=window_bytes, **sae_cfg)
+    stream = source.stream(batch_size, seed, window_bytes=window_bytes)
     pair = control_and_extended(base, n_new, stream, continued, data=stream.key(), start_batch=base_settings.steps, seed=seed,
                                 **(extend_kwargs or {}))
     degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
