@@ -228,7 +228,8 @@ class Executor:
             gpus = min(self.gpus_per_node, torch.cuda.device_count())  # the GPUs this machine has, at most
             executor.update_parameters(timeout_min=self.timeout_min, gpus_per_node=gpus)
             return executor
-        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+        # a job pickles its SAEs: the paper's widest (65,536 x 2,304, both matrices) is 1.2 GB
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_pickle_size_gb=16)
         params: dict[str, Any] = dict(timeout_min=self.timeout_min, gpus_per_node=self.gpus_per_node,
                                       cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, tasks_per_node=1, nodes=1,
                                       slurm_array_parallelism=self.array_parallelism, name="hedging-sweep")
