@@ -49,7 +49,7 @@ from hedging_utils.cache import cache_root, settings_key
 from hedging_utils.extension import ExtensionPair, control_and_extended
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, Stream, TrainSettings, make_sae, seeded, train_saes,
+from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
 HUB_HOST = "huggingface.co"

@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from hedging_utils import llm
-from hedging_utils.extension import control_and_extended
 from hedging_utils.profiles import ParameterError
-from hedging_utils.training import TrainSettings, make_sae, seeded
 
 BOS = 2
 REPO = Path(__file__).resolve().parent.parent
