@@ -46,9 +46,9 @@ from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.cache import cache_root, settings_key
-from hedging_utils.extension import ExtensionPair, control_and_extended
+from hedging_utils.extension import ExtensionPair, GrowthStep, control_and_extended, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
-from hedging_utils.profiles import ParameterError, check_positive_int
+from hedging_utils.profiles import LLMModel, LLMScale, ParameterError, check_positive_int
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
@@ -642,6 +642,38 @@ def train_llm_sae(
     return train_saes({"sae": job}, settings, kind="llm_saes")["sae"]
 
 
+@dataclass(frozen=True)
+class SAERecipe:
+    """How the LLM figures train a BatchTopK ('btk') or L1 ('l1') SAE at a profile's scale:
+    its SAELens architecture, base and continued learning rates, and config."""
+
+    architecture: str
+    lr: float
+    continued_lr: float
+    cfg: dict[str, Any]
+
+    @classmethod
+    def at_scale(cls, scale: LLMScale, model: LLMModel, arch: str, *, k: int | None = None,
+                 l1_multiple: float = 1.0) -> "SAERecipe":
+        """BatchTopK with K = ``k`` (default ``scale.k``), or L1 with ``l1_multiple`` times the
+        model's coefficient and the scale's warm-up."""
+        if arch == "btk":
+            return cls("batchtopk", scale.lr_batchtopk, scale.continued_lr_batchtopk, {"k": k or scale.k})
+        if arch == "l1":
+            return cls("standard", scale.lr_l1, scale.continued_lr_l1,
+                       {"l1_coefficient": model.l1_coefficient * l1_multiple, "l1_warm_up_steps": scale.l1_warm_up_steps})
+        raise ParameterError(f"arch={arch!r} is not 'btk' or 'l1'.")
+
+    def base_settings(self, scale: LLMScale) -> TrainSettings:
+        return TrainSettings.for_samples(scale.base_tokens, scale.batch_size, lr=self.lr,
+                                         dead_feature_window=scale.dead_feature_window)
+
+    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int) -> TrainingSAE[Any]:
+        """The base SAE of ``measure_hedging`` with this recipe (the same cache entry)."""
+        return train_llm_sae(source, width, self.base_settings(scale), architecture=self.architecture, seed=seed,
+                             stream_seed=seed, label=f"{self.architecture} width {width} seed {seed}", **self.cfg)
+
+
 def stream_key(source: ActivationSource, batch_size: int, stream_seed: int, *, window_bytes: int | None = None) -> dict[str, Any]:
     """What identifies ``source.stream(batch_size, stream_seed, window_bytes=...)`` in a cache key."""
     return source.stream(batch_size, stream_seed, window_bytes=window_bytes).key()
@@ -729,6 +761,61 @@ def measure_hedging(
                                 **(extend_kwargs or {}))
     degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
     return HedgingMeasurement(base, pair, degree, mean_l0(pair.control, source))
+
+
+def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_random_draws: int = 10) -> list[GrowthStep]:
+    """The post's growing L1 SAE on ``source`` at the widths and tokens of ``scale`` (an
+    ``LLMScale``): ``growing_start`` latents, a group of ``growing_group`` more every
+    ``growing_group_tokens`` tokens up to ``growing_max``, every width trained to
+    ``growing_total_tokens`` (``grow_sae``). Every SAE is cached."""
+    training = TrainSettings.for_samples(scale.growing_group_tokens, scale.batch_size, lr=scale.lr_l1)
+    start = train_llm_sae(source, scale.growing_start, training, architecture="standard", seed=seed, stream_seed=seed,
+                          label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient)
+    return grow_sae(start, source.stream(scale.batch_size, seed), data=stream_key(source, scale.batch_size, seed),
+                    group_size=scale.growing_group, max_width=scale.growing_max,
+                    samples_per_group=scale.growing_group_tokens, total_samples=scale.growing_total_tokens,
+                    settings=training, seed=seed, n_random_draws=n_random_draws)
+
+
+def pretrained_sae_ids(release: str, prefix: str = "") -> list[str]:
+    """The SAE ids of a release in SAELens' pretrained registry that start with ``prefix``
+    (e.g. ``gemma-scope-2b-pt-res`` and ``layer_12/``), sorted by width then L0 where the ids
+    say them (Gemma Scope's ``width_16k/average_l0_82``)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise ParameterError(f"release={release!r} is not in SAELens' pretrained registry; see "
+                             "sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory().")
+    ids = [i for i in directory[release].saes_map if i.startswith(prefix)]
+    if not ids:
+        raise ParameterError(f"release {release!r} has no SAE id starting with {prefix!r}.")
+    return sorted(ids, key=lambda i: (sae_id_width(i) or 0, sae_id_l0(i) or 0, i))
+
+
+def sae_id_width(sae_id: str) -> int | None:
+    """The width an SAE id states (``width_16k`` -> 16,384, ``width_1m`` -> 1,048,576), if any."""
+    for part in sae_id.split("/"):
+        if part.startswith("width_"):
+            size = part[len("width_"):]
+            unit = {"k": 2**10, "m": 2**20}.get(size[-1:].lower(), 1)
+            return int(size.rstrip("kKmM")) * unit
+    return None
+
+
+def sae_id_l0(sae_id: str) -> float | None:
+    """The average L0 an SAE id states (``average_l0_82`` -> 82), if any."""
+    for part in sae_id.split("/"):
+        if part.startswith("average_l0_"):
+            return float(part[len("average_l0_"):])
+    return None
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu") -> Any:
+    """A published SAE through SAELens' pretrained registry (downloads it from the model hub)."""
+    from sae_lens import SAE
+
+    return SAE.from_pretrained(release, sae_id, device=device)
 
 
 @torch.no_grad()

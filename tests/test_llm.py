@@ -181,3 +181,47 @@ def test_paper_settings_at_tiny_token_counts_take_the_streamed_path(model, monke
     assert 0 < m.l0 <= 2 * tiny.k
     print(f"paper settings at {tiny.base_tokens:,} + {tiny.continued_tokens:,} tokens on {training_device()}: "
           f"h = {m.degree.h:.4f}, L0 = {m.l0:.1f}")
+
+
+def test_recipe_base_sae_is_measure_hedgings_base(model, tiny_corpus):
+    from dataclasses import replace
+    source = _cache(model, tiny_corpus)[2]
+    scale = replace(PROFILES["ci"].llm, base_tokens=96, continued_tokens=64, batch_size=32, k=4)
+    recipe = llm.SAERecipe.at_scale(scale, scale.models[0], "btk")
+    m = llm.measure_hedging(source, 16, 2, architecture=recipe.architecture, base_tokens=scale.base_tokens,
+                            continued_tokens=scale.continued_tokens, batch_size=scale.batch_size, lr=recipe.lr,
+                            dead_feature_window=scale.dead_feature_window, seed=1, **recipe.cfg)
+    assert torch.equal(recipe.base_sae(source, scale, 16, seed=1).W_dec, m.base.W_dec)
+    assert llm.SAERecipe.at_scale(scale, scale.models[0], "l1", l1_multiple=2.0).cfg["l1_coefficient"] == 2 * scale.models[0].l1_coefficient
+    with pytest.raises(ParameterError, match="arch"):
+        llm.SAERecipe.at_scale(scale, scale.models[0], "jumprelu")
+
+
+def test_pretrained_ids_come_from_sae_lens_registry_sorted_by_width_and_l0():
+    ids = llm.pretrained_sae_ids("gemma-scope-2b-pt-res", "layer_12/")
+    assert ids[0] == "layer_12/width_16k/average_l0_22" and ids[-1].startswith("layer_12/width_1m/")
+    assert llm.sae_id_width("layer_12/width_1m/average_l0_19") == 2**20 and llm.sae_id_l0("layer_12/width_16k/average_l0_82") == 82
+    with pytest.raises(ParameterError, match="release"):
+        llm.pretrained_sae_ids("no-such-release")
+
+
+def test_pretrained_sae_loads_through_sae_lens(tmp_path, monkeypatch):
+    """The pretrained path, offline: SAELens' loader is pointed at a small SAE saved in SAELens' format."""
+    from sae_lens import SAE
+    from hedging_utils.metrics import decoder_bias_table
+    from hedging_utils.training import make_sae
+    saved = make_sae(8, 12, "standard")
+    with torch.no_grad():
+        saved.b_dec.fill_(0.5)
+    saved.save_inference_model(tmp_path / "sae")
+    calls = []
+
+    def from_disk(release, sae_id, device="cpu"):
+        calls.append((release, sae_id))
+        return SAE.load_from_disk(tmp_path / "sae", device=device)
+
+    monkeypatch.setattr(SAE, "from_pretrained", from_disk)
+    sae = llm.load_pretrained_sae("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_22")
+    assert calls == [("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_22")]
+    table = decoder_bias_table({"pretrained": sae}, torch.randn(64, 8))
+    assert table.loc[0, "width"] == 12 and table.loc[0, "b_dec_norm"] == pytest.approx(0.5 * 8**0.5)
