@@ -182,6 +182,7 @@ def grow_saes(
     settings: TrainSettings,
     n_random_draws: int = 10,
     progress: Callable[[str], None] = print,
+    **extend_kwargs: Any,
 ) -> dict[Any, list[GrowthStep]]:
     """Grow each start's ``base`` (trained on the first ``samples_per_group`` samples of its
     ``stream``) by ``group_size`` latents every ``samples_per_group`` samples up to
@@ -189,6 +190,7 @@ def grow_saes(
     ``settings`` gives the batch size, learning rate and optimiser; its ``steps`` are replaced
     by each stage's. The chains (e.g. toys or seeds of an ablation) grow in lockstep, so the
     SAEs of each stage train together; each chain's ``seed`` seeds its new latents.
+    ``extend_kwargs`` go to every extension (``extend_sae``), e.g. an L1 re-warm-up.
 
     Group k is added at sample k*T. Its measurement compares the SAE just before the group and
     the SAE with it, both continued from k*T to ``total_samples`` on identical batches (a
@@ -211,7 +213,7 @@ def grow_saes(
         remaining = replace(settings, steps=max(1, (total_samples - start) // batch))
         specs = {key: PairSpec(current[key], spec.stream, spec.data, start // batch, spec.seed + k)
                  for key, spec in starts.items()}
-        pairs = extension_pairs(specs, group_size, remaining)
+        pairs = extension_pairs(specs, group_size, remaining, **extend_kwargs)
         for key, pair in pairs.items():
             degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=specs[key].seed)
             out[key].append(GrowthStep(width, width + group_size, start, pair, degree))
@@ -222,7 +224,8 @@ def grow_saes(
             break
         # the growing SAEs themselves, trained until the next group: the same extension (same
         # seed) and batches as the extended SAE of this group's pair
-        stages = {key: Job(extend_sae(current[key], group_size, seed=spec.seed), spec.stream, spec.data, start // batch)
+        stages = {key: Job(extend_sae(current[key], group_size, seed=spec.seed, **extend_kwargs), spec.stream, spec.data,
+                           start // batch)
                   for key, spec in specs.items()}
         stage_settings = replace(settings, steps=max(1, samples_per_group // batch))
         current = train_saes(stages, stage_settings, kind="continued_saes")
@@ -232,14 +235,15 @@ def grow_saes(
 
 def grow_by_doubling(
     starts: Mapping[Any, PairSpec], *, doublings: int, samples_per_stage: int, settings: TrainSettings,
-    double: bool = True,
+    double: bool = True, **extend_kwargs: Any,
 ) -> dict[Any, list[TrainingSAE[Any]]]:
     """Double each start's ``base`` ``doublings`` times (the post's growing SAE "extended by
     doubling"): each stage appends as many new latents as the SAE has (``extend_sae``, seeded
     by the start's ``seed`` plus the stage) and trains for ``samples_per_stage`` samples of the
     start's ``stream``, from its ``start_batch`` on. ``double=False`` gives the control: the
     same stages on the same batches without new latents. The starts (e.g. seeds) train in
-    lockstep. Returns, per start, the base and the SAE after every stage."""
+    lockstep. ``extend_kwargs`` go to every extension (``extend_sae``), e.g. an L1 re-warm-up,
+    which the control gets too. Returns, per start, the base and the SAE after every stage."""
     check_positive_int("doublings", doublings)
     steps = max(1, samples_per_stage // settings.batch_size)
     out = {key: [spec.base] for key, spec in starts.items()}
@@ -248,7 +252,7 @@ def grow_by_doubling(
         for key, spec in starts.items():
             current = out[key][-1]
             n_new = current.cfg.d_sae if double else 0
-            jobs[key] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage), spec.stream, spec.data,
+            jobs[key] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage, **extend_kwargs), spec.stream, spec.data,
                             spec.start_batch + (stage - 1) * steps, label=f"{key} stage {stage}, width {current.cfg.d_sae + n_new}")
         for key, sae in train_saes(jobs, replace(settings, steps=steps), kind="continued_saes").items():
             out[key].append(sae)
