@@ -767,14 +767,24 @@ def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_
     """The post's growing L1 SAE on ``source`` at the widths and tokens of ``scale`` (an
     ``LLMScale``): ``growing_start`` latents, a group of ``growing_group`` more every
     ``growing_group_tokens`` tokens up to ``growing_max``, every width trained to
-    ``growing_total_tokens`` (``grow_sae``). Every SAE is cached."""
-    training = TrainSettings.for_samples(scale.growing_group_tokens, scale.batch_size, lr=scale.lr_l1)
-    start = train_llm_sae(source, scale.growing_start, training, architecture="standard", seed=seed, stream_seed=seed,
-                          label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient)
+    ``growing_total_tokens`` (``grow_sae``), at ``growing_lr``. Its L1 coefficient warms up from
+    0 over the first group and restarts at ``growing_l1_floor`` of itself over each later group
+    (``growing_extension``), without which the added latents die. Every SAE is cached."""
+    training = TrainSettings.for_samples(scale.growing_group_tokens, scale.batch_size, lr=scale.growing_lr)
+    start = train_llm_sae(source, scale.growing_start, training, architecture="balance_matryoshka_standard", seed=seed,
+                          stream_seed=seed, label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient,
+                          l1_warm_up_steps=training.steps)
     return grow_sae(start, source.stream(scale.batch_size, seed), data=stream_key(source, scale.batch_size, seed),
                     group_size=scale.growing_group, max_width=scale.growing_max,
                     samples_per_group=scale.growing_group_tokens, total_samples=scale.growing_total_tokens,
-                    settings=training, seed=seed, n_random_draws=n_random_draws)
+                    settings=training, seed=seed, n_random_draws=n_random_draws, **growing_extension(scale))
+
+
+def growing_extension(scale: LLMScale, steps: int | None = None) -> dict[str, Any]:
+    """How the growing SAE adds latents (``extend_sae`` options): the L1 coefficient restarts at
+    ``growing_l1_floor`` of itself and rises back over ``steps`` steps (default: one group's)."""
+    steps = steps or max(1, scale.growing_group_tokens // scale.batch_size)
+    return {"l1_rewarmup_steps": steps, "l1_floor": scale.growing_l1_floor * scale.growing_l1_coefficient}
 
 
 def pretrained_sae_ids(release: str, prefix: str = "") -> list[str]:

@@ -191,3 +191,13 @@ def test_doubling_keeps_each_stage_and_its_latents():
     assert [sae.cfg.d_sae for sae in control[0]] == [2, 2, 2]
     with pytest.raises(ParameterError, match="doublings"):
         grow_by_doubling(starts, doublings=0, samples_per_stage=32, settings=TrainSettings(steps=1, batch_size=32))
+
+
+def test_growing_gives_every_extension_and_its_control_the_l1_rewarmup():
+    toy = ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8)
+    base = make_sae(8, 2, "balance_matryoshka_standard", l1_coefficient=1.0)
+    steps = grow_sae(base, toy.stream(32, seed=0), data=toy.stream_key(32, 0), l1_rewarmup_steps=7, l1_floor=0.5,
+                     **_growth_kwargs(32))
+    for st in steps:
+        for sae in (st.pair.control, st.pair.extended):
+            assert sae.cfg.l1_warm_up_steps == 7 and sae.cfg.l1_floor == 0.5
