@@ -121,11 +121,15 @@ def python_seeded(seed: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """SAEBench prints and draws progress bars at every step; keep a notebook's output readable."""
+    """How SAEBench's functions are called here: without its prints and progress bars (at every
+    step; they would flood a notebook), and with jaxtyping's shape checks off: with the installed
+    jaxtyping, a shape name bound by an outer SAEBench function (``train_probe_on_activations``'s
+    ``train_dataset_size``, the size of one class) is enforced on the inner one it calls
+    (``train_sklearn_probe``, both classes), so SAEBench's own probing fails its checks."""
     import io
     from contextlib import redirect_stdout
 
-    import tqdm.autonotebook
+    import jaxtyping
     import tqdm.std
 
     originals = tqdm.std.tqdm.__init__
@@ -135,11 +139,14 @@ def _quiet() -> Iterator[None]:
         originals(self, *args, **kwargs)
 
     tqdm.std.tqdm.__init__ = init
+    checks = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
     try:
         with redirect_stdout(io.StringIO()):
             yield
     finally:
         tqdm.std.tqdm.__init__ = originals
+        jaxtyping.config.update("jaxtyping_disable", checks)
 
 
 def inference_sae(sae: SAE[Any], input_scale: float = 1.0) -> SAE[Any]:
