@@ -537,9 +537,10 @@ def gold_sentences(tagged: Sequence[Sequence[tuple[str, str]]]) -> list[tuple[st
     out = []
     for i, sentence in enumerate(tagged):
         text, words = "", []
-        for word, tag in sentence:
-            if not isinstance(word, str) or not isinstance(tag, str) or not word:
+        for pair in sentence:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
                 raise ParameterError(f"tagged_sentences[{i}] must be a list of (word, tag) string pairs; got {sentence!r}.")
+            word, tag = pair
             start = len(text) + (1 if text else 0)
             text = f"{text} {word}" if text else word
             words.append((start, start + len(word), tag))
