@@ -122,7 +122,8 @@ def python_seeded(seed: int) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """How SAEBench's functions are called here: without its prints and progress bars (at every
-    step; they would flood a notebook), and with jaxtyping's shape checks off: with the installed
+    step; they would flood a notebook), restoring torch's grad mode after (SAEBench switches it
+    globally), and with jaxtyping's shape checks off: with the installed
     jaxtyping, a shape name bound by an outer SAEBench function (``train_probe_on_activations``'s
     ``train_dataset_size``, the size of one class) is enforced on the inner one it calls
     (``train_sklearn_probe``, both classes), so SAEBench's own probing fails its checks."""
@@ -141,10 +142,12 @@ def _quiet() -> Iterator[None]:
     tqdm.std.tqdm.__init__ = init
     checks = jaxtyping.config.jaxtyping_disable
     jaxtyping.config.update("jaxtyping_disable", True)
+    grad = torch.is_grad_enabled()
     try:
         with redirect_stdout(io.StringIO()):
             yield
     finally:
+        torch.set_grad_enabled(grad)
         tqdm.std.tqdm.__init__ = originals
         jaxtyping.config.update("jaxtyping_disable", checks)
 
@@ -288,7 +291,7 @@ def _build_letter_probes(model: Any, layer: int, settings: SAEBenchScale, tmp: P
     vocab = _alpha_tokens(model.tokenizer)
     view = ModelView(model, layer)
     quiet = contextlib.nullcontext() if progress else _quiet()
-    with python_seeded(settings.seed), quiet:
+    with python_seeded(settings.seed), quiet, torch.enable_grad():
         n = _train_letter_probe(view, layer, vocab, settings, tmp)
     probe = load_probe(model.cfg.model_name, layer, tmp, torch.float32, "cpu")
     probe = load_probe(model.cfg.model_name, layer, tmp, torch.float32, "cpu")
@@ -424,7 +427,7 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
     original_alpha = fa.get_alpha_tokens
     fa.get_alpha_tokens = _alpha_tokens  # the same list; computed once per tokenizer instead of per SAE
     try:
-        with tempfile.TemporaryDirectory() as tmp, _quiet():
+        with tempfile.TemporaryDirectory() as tmp, _quiet(), torch.enable_grad():  # its probes train by gradient
             with python_seeded(settings.seed):
                 metrics_df = run_k_sparse_probing_experiment(
                     **common, experiment_dir=Path(tmp) / "k_sparse_probing", f1_jump_threshold=F1_JUMP_THRESHOLD,
@@ -754,16 +757,13 @@ def scr_tpp_from_activations(
     chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else list(train_acts)
     with _quiet():
         if llm_probes is None:
-            torch.set_grad_enabled(True)
-            try:
+            with torch.enable_grad():
                 probes, _ = probe_training.train_probe_on_activations(
                     activation_collection.create_meaned_model_activations(train_acts),
                     activation_collection.create_meaned_model_activations(test_acts),
                     select_top_k=None, use_sklearn=False, batch_size=config.probe_train_batch_size, epochs=config.probe_epochs,
                     lr=config.probe_lr, perform_scr=perform_scr, early_stopping_patience=config.early_stopping_patience,
                     l1_penalty=config.probe_l1_penalty)
-            finally:
-                torch.set_grad_enabled(False)
             clean = scr_main.get_probe_test_accuracy(probes, chosen, activation_collection.create_meaned_model_activations(test_acts),
                                                      config.probe_test_batch_size, perform_scr)
         else:

@@ -123,6 +123,7 @@ def test_sparse_probing_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
                                             perform_scr=True, config=config)
     # SAEBench adds scr_metric_threshold_<n> only when the two directions' clean accuracies differ
     assert {"scr_dir1_threshold_2", "scr_dir2_threshold_5"} <= set(scr) and all(isinstance(v, float) for v in scr.values())
+    assert torch.is_grad_enabled()  # SAEBench switches grad mode globally; the caller's is restored
 
 
 def test_offline_hub_evaluations_say_why_they_did_not_run(monkeypatch):
