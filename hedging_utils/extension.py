@@ -17,7 +17,7 @@ import torch
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.metrics import HedgingDegree, hedging_degree
-from hedging_utils.profiles import ParameterError
+from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.training import Job, Stream, TrainSettings, train_saes
 
 def extend_sae(
@@ -165,48 +165,95 @@ def grow_sae(
     stream: Stream,
     *,
     data: dict[str, Any],
+    seed: int = 0,
+    **kwargs: Any,
+) -> list[GrowthStep]:
+    """Grow one SAE: ``grow_saes`` with a single chain (see there for the arguments)."""
+    return grow_saes({"sae": PairSpec(base, stream, data, 0, seed)}, **kwargs)["sae"]
+
+
+def grow_saes(
+    starts: Mapping[Any, PairSpec],
+    *,
     group_size: int,
     max_width: int,
     samples_per_group: int,
     total_samples: int,
     settings: TrainSettings,
-    seed: int = 0,
     n_random_draws: int = 10,
     progress: Callable[[str], None] = print,
-) -> list[GrowthStep]:
-    """Grow ``base`` (trained on the first ``samples_per_group`` samples of ``stream``) by
-    ``group_size`` latents every ``samples_per_group`` samples up to ``max_width``, training
-    every width to the same ``total_samples`` (the post's growing SAE). ``settings`` gives the
-    batch size, learning rate and optimiser; its ``steps`` are replaced by each stage's.
+    **extend_kwargs: Any,
+) -> dict[Any, list[GrowthStep]]:
+    """Grow each start's ``base`` (trained on the first ``samples_per_group`` samples of its
+    ``stream``) by ``group_size`` latents every ``samples_per_group`` samples up to
+    ``max_width``, training every width to the same ``total_samples`` (the post's growing SAE).
+    ``settings`` gives the batch size, learning rate and optimiser; its ``steps`` are replaced
+    by each stage's. The chains (e.g. toys or seeds of an ablation) grow in lockstep, so the
+    SAEs of each stage train together; each chain's ``seed`` seeds its new latents.
+    ``extend_kwargs`` go to every extension (``extend_sae``), e.g. an L1 re-warm-up.
 
     Group k is added at sample k*T. Its measurement compares the SAE just before the group and
     the SAE with it, both continued from k*T to ``total_samples`` on identical batches (a
     control/extended pair), so every width is trained on the same total budget and the change
     of the existing latents is due to the group alone.
     """
+    widths = {spec.base.cfg.d_sae for spec in starts.values()}
+    if len(widths) != 1:
+        raise ParameterError(f"the chains of grow_saes start at widths {sorted(widths)}; give bases of one width.")
     batch = settings.batch_size
-    steps: list[GrowthStep] = []
-    current, k = base, 1
-    while current.cfg.d_sae + group_size <= max_width:
+    out: dict[Any, list[GrowthStep]] = {key: [] for key in starts}
+    current = {key: spec.base for key, spec in starts.items()}
+    width, k = widths.pop(), 1
+    while width + group_size <= max_width:
         start = k * samples_per_group
         if start >= total_samples:
             raise ParameterError(
                 f"total_samples={total_samples} ends before group {k} is added at sample {start}; raise it."
             )
-        width = current.cfg.d_sae
         remaining = replace(settings, steps=max(1, (total_samples - start) // batch))
-        pair = control_and_extended(current, group_size, stream, remaining, data=data, start_batch=start // batch,
-                                    seed=seed + k)
-        degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed + k)
-        steps.append(GrowthStep(width, width + group_size, start, pair, degree))
-        progress(f"  grew {width} -> {width + group_size} at sample {start:,}: portion of the change in the new "
-                 f"latents' span {degree.portion_new:.3f} (random span {degree.portion_random:.3f})")
+        specs = {key: PairSpec(current[key], spec.stream, spec.data, start // batch, spec.seed + k)
+                 for key, spec in starts.items()}
+        pairs = extension_pairs(specs, group_size, remaining, **extend_kwargs)
+        for key, pair in pairs.items():
+            degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=specs[key].seed)
+            out[key].append(GrowthStep(width, width + group_size, start, pair, degree))
+            progress(f"  {'' if len(starts) == 1 else f'{key}: '}grew {width} -> {width + group_size} at sample "
+                     f"{start:,}: portion of the change in the new latents' span {degree.portion_new:.3f} "
+                     f"(random span {degree.portion_random:.3f})")
         if width + 2 * group_size > max_width:
             break
-        # the growing SAE itself, trained until the next group: the same extension (same seed)
-        # and batches as the extended SAE of this group's pair
-        stage = Job(extend_sae(current, group_size, seed=seed + k), stream, data, start // batch)
+        # the growing SAEs themselves, trained until the next group: the same extension (same
+        # seed) and batches as the extended SAE of this group's pair
+        stages = {key: Job(extend_sae(current[key], group_size, seed=spec.seed, **extend_kwargs), spec.stream, spec.data,
+                           start // batch)
+                  for key, spec in specs.items()}
         stage_settings = replace(settings, steps=max(1, samples_per_group // batch))
-        current = train_saes({"stage": stage}, stage_settings, kind="continued_saes")["stage"]
-        k += 1
-    return steps
+        current = train_saes(stages, stage_settings, kind="continued_saes")
+        width, k = width + group_size, k + 1
+    return out
+
+
+def grow_by_doubling(
+    starts: Mapping[Any, PairSpec], *, doublings: int, samples_per_stage: int, settings: TrainSettings,
+    double: bool = True, **extend_kwargs: Any,
+) -> dict[Any, list[TrainingSAE[Any]]]:
+    """Double each start's ``base`` ``doublings`` times (the post's growing SAE "extended by
+    doubling"): each stage appends as many new latents as the SAE has (``extend_sae``, seeded
+    by the start's ``seed`` plus the stage) and trains for ``samples_per_stage`` samples of the
+    start's ``stream``, from its ``start_batch`` on. ``double=False`` gives the control: the
+    same stages on the same batches without new latents. The starts (e.g. seeds) train in
+    lockstep. ``extend_kwargs`` go to every extension (``extend_sae``), e.g. an L1 re-warm-up,
+    which the control gets too. Returns, per start, the base and the SAE after every stage."""
+    check_positive_int("doublings", doublings)
+    steps = max(1, samples_per_stage // settings.batch_size)
+    out = {key: [spec.base] for key, spec in starts.items()}
+    for stage in range(1, doublings + 1):
+        jobs = {}
+        for key, spec in starts.items():
+            current = out[key][-1]
+            n_new = current.cfg.d_sae if double else 0
+            jobs[key] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage, **extend_kwargs), spec.stream, spec.data,
+                            spec.start_batch + (stage - 1) * steps, label=f"{key} stage {stage}, width {current.cfg.d_sae + n_new}")
+        for key, sae in train_saes(jobs, replace(settings, steps=steps), kind="continued_saes").items():
+            out[key].append(sae)
+    return out

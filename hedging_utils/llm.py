@@ -17,6 +17,9 @@ cache, and SAE training on it.
 - Streams: ``ActivationSource.stream(batch_size, seed)`` is a ``Stream`` like the toy settings'
   (``stream(start_batch)`` yields batches from there on, the same batches every time), so the
   extension and growing tools of ``hedging_utils.extension`` work on LLM activations unchanged.
+  It reads the cache lazily, a window of shards at a time (``ActivationStream``), so its memory
+  is bounded by the window however many tokens are cached or trained on; a cache that fits in
+  the window is shuffled as a whole, exactly as before streams were windowed.
   Special tokens (BOS) are dropped and activations are scaled so their mean norm is
   ``sqrt(d_model)`` (SAELens' ``expected_average_only_in`` normalisation).
 """
@@ -24,6 +27,7 @@ cache, and SAE training on it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import socket
@@ -36,15 +40,17 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.cache import cache_root, settings_key
-from hedging_utils.extension import ExtensionPair, control_and_extended
+from hedging_utils.extension import ExtensionPair, GrowthStep, control_and_extended, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
-from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.training import DEAD_FEATURE_WINDOW, Job, Stream, TrainSettings, make_sae, seeded, train_saes
+from hedging_utils.profiles import LLMModel, LLMScale, ParameterError, check_positive_int
+from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
+                                    training_device)
 
 HUB_HOST = "huggingface.co"
 PILE = "monology/pile-uncopyrighted"
@@ -256,11 +262,25 @@ def _text_files(folder: Path) -> list[Path]:
 # Activation cache
 
 
+DEFAULT_WINDOW_BYTES = 8 * 2**30
+"""The activations a stream holds in memory at once (float32), unless told otherwise: a cache
+that fits (``small``: 0.8 GB, ``ci``) is shuffled as one window, exactly as it always was; a
+larger one (``paper``) is read a window of shards at a time."""
+
+
 @dataclass
 class ActivationSource:
     """The cached residual-stream activations of one (model, layer, corpus, context, token
-    count): ``n_shards`` shards of ``shard_sequences`` sequences each. ``load_all`` returns
-    (tokens [n_seq, ctx], activations [n_seq, ctx, d_model]); ``stream`` gives training batches."""
+    count): ``n_shards`` shards of ``shard_sequences`` sequences each.
+
+    Nothing is read until asked for: ``stream`` reads the shards a window at a time, so a
+    training stream's memory is bounded by its window, whatever the cache's size or the number
+    of training tokens. ``load_all`` and ``training_tokens`` read the whole cache (small caches,
+    analyses); ``tail``, ``load_tokens`` and ``n_training_tokens`` read only what they need.
+
+    The activation ``scale`` (to mean norm sqrt(d_model)) is measured when the cache is
+    written, on the non-BOS positions of its first four shards (at most), and stored with it.
+    """
 
     path: Path
     settings: dict[str, Any]
@@ -276,54 +296,202 @@ class ActivationSource:
     def context_size(self) -> int:
         return int(self.settings["context_size"])
 
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of one shard's float32 activations."""
+        return int(self.settings["shard_sequences"]) * self.context_size * self.d_model * 4
+
+    def shard_path(self, i: int) -> Path:
+        return self.path / f"shard_{i:05d}.safetensors"
+
     def shard(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _load_shard(str(self.path / f"shard_{i:05d}.safetensors"))
+        """(tokens [seq, ctx], activations [seq, ctx, d_model]) of shard ``i`` (a few recent shards are kept)."""
+        return _load_shard(str(self.shard_path(i)))
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.shard(i) for i in range(self.n_shards)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    @functools.cached_property
-    def training_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(activations [T, d] scaled to mean norm sqrt(d), flat positions [T]) of every
-        non-special token, in corpus order."""
-        tokens, acts = self.load_all()
+    def load_tokens(self) -> torch.Tensor:
+        """The token ids [n_seq, ctx] of every cached sequence, without their activations."""
+        return torch.cat([_load_tensor(self.shard_path(i), "tokens") for i in range(self.n_shards)])
+
+    def shard_training_tokens(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled activations [n, d], flat positions in the shard [n]) of shard ``i``'s
+        non-special tokens, read from disk without keeping the shard."""
+        tensors = load_file(str(self.shard_path(i)))
+        return self._training_part(tensors["tokens"], tensors["activations"])
+
+    def _training_part(self, tokens: torch.Tensor, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = ~torch.isin(tokens.reshape(-1), torch.tensor(self.special_tokens, dtype=tokens.dtype))
         positions = torch.nonzero(keep).squeeze(1)
         return acts.reshape(-1, self.d_model)[positions].float() * self.scale, positions
 
+    @functools.cached_property
+    def training_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations [T, d] scaled to mean norm sqrt(d), flat positions [T]) of every
+        non-special token, in corpus order. Reads the whole cache into memory."""
+        return self._training_part(*self.load_all())
+
+    @functools.cached_property
+    def shard_counts(self) -> list[int]:
+        """The number of non-special tokens of each shard (reads the token ids only)."""
+        special = torch.tensor(self.special_tokens, dtype=torch.int32)
+        return [int((~torch.isin(_load_tensor(self.shard_path(i), "tokens"), special)).sum()) for i in range(self.n_shards)]
+
     @property
     def n_training_tokens(self) -> int:
-        return len(self.training_tokens[1])
+        return sum(self.shard_counts)
 
-    def stream(self, batch_size: int, seed: int = 0) -> Stream:
-        """Batches of ``batch_size`` activations: epoch e visits every training token once in
-        a random order fixed by (``seed``, e); batch b is the same tensor on every call, so
-        ``stream(b)`` resumes anywhere, and SAEs trained in separate calls see identical data.
-        Token budgets larger than the cache run several epochs."""
-        acts, _ = self.training_tokens
-        per_epoch = len(acts) // batch_size
-        if per_epoch < 1:
-            raise ParameterError(f"batch_size={batch_size} is larger than the {len(acts)} cached tokens; cache more tokens.")
+    def tail(self, n_tokens: int) -> torch.Tensor:
+        """The last ``n_tokens`` training activations [n, d] (``training_tokens[0][-n:]``),
+        reading only the last shards."""
+        parts, have = [], 0
+        for i in reversed(range(self.n_shards)):
+            if have >= n_tokens:
+                break
+            parts.insert(0, self.shard_training_tokens(i)[0])
+            have += len(parts[0])
+        return torch.cat(parts)[-n_tokens:]
 
-        @functools.lru_cache(maxsize=2)
-        def order(epoch: int) -> torch.Tensor:
-            return torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    def window_shards(self, window_bytes: int | None = None) -> int:
+        """How many shards a stream holds at once: as many as ``window_bytes`` (default
+        ``DEFAULT_WINDOW_BYTES``) hold, at least one, at most all of them."""
+        budget = DEFAULT_WINDOW_BYTES if window_bytes is None else check_positive_int("window_bytes", window_bytes)
+        return min(self.n_shards, max(1, budget // self.shard_bytes))
 
-        def batches(start_batch: int = 0) -> Iterator[torch.Tensor]:
-            b = start_batch
-            while True:
-                epoch, j = divmod(b, per_epoch)
-                yield acts[order(epoch)[j * batch_size:(j + 1) * batch_size]]
-                b += 1
+    def stream(self, batch_size: int, seed: int = 0, *, window_bytes: int | None = None) -> "ActivationStream":
+        """Batches of ``batch_size`` activations (see ``ActivationStream``); the shards are read
+        ``window_shards(window_bytes)`` at a time."""
+        return ActivationStream(self, batch_size, seed, self.window_shards(window_bytes))
 
-        return batches
+    def __getstate__(self) -> dict[str, Any]:
+        # what is read from disk stays behind: a pickled source (a job sent to a cluster) is its path and settings
+        return {k: v for k, v in self.__dict__.items() if k not in ("training_tokens", "shard_counts")}
+
+
+@dataclass
+class ActivationStream:
+    """A ``Stream`` of training batches from an ``ActivationSource``, read a window of shards at
+    a time: ``stream(start_batch)`` yields batch ``start_batch`` and the ones after it.
+
+    Epoch e visits every training token once. Its shards are taken in a random order fixed by
+    (``seed``, e), ``window`` shards at a time; the tokens of each window are shuffled with a
+    generator fixed by (``seed``, e, window index) and cut into whole batches (a window's last
+    partial batch is dropped). Batch b is therefore a function of (``seed``, b) alone: the same
+    tensor on every call, on every machine, so ``stream(b)`` resumes anywhere and SAEs trained
+    in separate calls, processes or cluster jobs see identical data. Token budgets larger than
+    the cache run several epochs. Memory holds one window, whatever the number of tokens.
+
+    When the window holds every shard, epoch e is one shuffle of all training tokens with the
+    generator seeded ``seed * 100_003 + e``: the batches of the in-memory stream this replaces,
+    bit for bit, so SAEs cached from it stay valid.
+    """
+
+    source: ActivationSource
+    batch_size: int
+    seed: int = 0
+    window: int = 1
+
+    def __post_init__(self) -> None:
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("window", self.window)
+        self.window = min(self.window, self.source.n_shards)
+        self._plans: list[list[tuple[tuple[int, ...], int]]] = []
+        smallest = min(self._plan(0), key=lambda w: w[1])
+        if smallest[1] < 1:
+            raise ParameterError(
+                f"batch_size={self.batch_size} is larger than the training tokens of a window of {self.window} shard(s) "
+                f"({sum(self.source.shard_counts[i] for i in smallest[0])}); cache more tokens or allow a larger "
+                "window (window_bytes)."
+            )
+
+    @property
+    def whole(self) -> bool:
+        """Whether one window holds the whole cache (the in-memory order)."""
+        return self.window >= self.source.n_shards
+
+    def key(self) -> dict[str, Any]:
+        """What identifies this stream in a cache key (the window only where it changes the order)."""
+        key = {"activations": self.source.settings, "batch_size": self.batch_size, "stream_seed": self.seed}
+        return key if self.whole else {**key, "window_shards": self.window}
+
+    def _plan(self, epoch: int) -> list[tuple[tuple[int, ...], int]]:
+        """The windows of ``epoch``: (shards, number of batches) each."""
+        while len(self._plans) <= epoch:
+            e = len(self._plans)
+            n = self.source.n_shards
+            if self.whole:
+                order = list(range(n))
+            else:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, e))).tolist()
+            windows = [tuple(order[i:i + self.window]) for i in range(0, n, self.window)]
+            counts = self.source.shard_counts
+            self._plans.append([(w, sum(counts[i] for i in w) // self.batch_size) for w in windows])
+        return self._plans[epoch]
+
+    def _locate(self, batch: int) -> tuple[int, int, int]:
+        """(epoch, window index, batch within the window) of batch index ``batch``."""
+        epoch = 0
+        while batch >= (per_epoch := sum(n for _, n in self._plan(epoch))):
+            batch -= per_epoch
+            epoch += 1
+        for w, (_, n) in enumerate(self._plan(epoch)):
+            if batch < n:
+                return epoch, w, batch
+            batch -= n
+        raise AssertionError("unreachable")
+
+    def _window(self, epoch: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training activations, token order) of window ``w`` of ``epoch``."""
+        shards = self._plan(epoch)[w][0]
+        if self.whole:
+            acts = self.source.training_tokens[0]
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        else:
+            acts = torch.empty(sum(self.source.shard_counts[i] for i in shards), self.source.d_model)
+            at = 0
+            for i in shards:
+                part = self.source.shard_training_tokens(i)[0]
+                acts[at:at + len(part)] = part
+                at += len(part)
+                del part
+            generator = torch.Generator().manual_seed(_mix(self.seed, epoch, w + 1))
+        return acts, torch.randperm(len(acts), generator=generator)
+
+    def __call__(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        epoch, w, j = self._locate(start_batch)
+        while True:
+            acts, order = self._window(epoch, w)
+            n = self._plan(epoch)[w][1]
+            while j < n:
+                yield acts[order[j * self.batch_size:(j + 1) * self.batch_size]]
+                j += 1
+            del acts, order
+            w, j = w + 1, 0
+            if w == len(self._plan(epoch)):
+                epoch, w = epoch + 1, 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_plans"} | {"_plans": []}
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit generator seed from several integers."""
+    digest = hashlib.sha256("/".join(str(n) for n in numbers).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @functools.lru_cache(maxsize=4)
 def _load_shard(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = load_file(path)
     return tensors["tokens"], tensors["activations"]
+
+
+def _load_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, without reading the others."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def activation_key(model: str, layer: int, corpus: str, context_size: int, n_tokens: int) -> dict[str, Any]:
@@ -340,7 +508,7 @@ def cache_activations(
     n_tokens: int,
     shard_sequences: int = 128,
     model_batch_sequences: int = 16,
-    device: str = "cpu",
+    device: str | None = None,
     loaded_model: Any = None,
     progress: bool = True,
     _stop_after_shards: int | None = None,
@@ -351,9 +519,11 @@ def cache_activations(
     One forward pass serves every layer. Shards already on disk are reused, so a rerun after
     an interruption resumes; the model is loaded only if a shard is missing. Activations are
     stored in float32 (BOS positions included, dropped at training time).
+    ``device`` runs the model (default: ``training_device()``, CUDA when present).
     ``_stop_after_shards`` simulates an interruption (tests).
     """
     spec, layers, corpus = check_llm_setup(model, layers, corpus)
+    device = str(training_device()) if device is None else device
     check_positive_int("n_tokens", n_tokens)
     check_positive_int("context_size", context_size)
     shard_tokens = shard_sequences * context_size
@@ -457,36 +627,75 @@ def train_llm_sae(
     seed: int = 0,
     stream_seed: int = 0,
     label: str = "",
+    window_bytes: int | None = None,
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
     """Train a fresh SAE (any registered SAELens architecture, initialised with ``seed``;
     ``sae_cfg`` goes to its config, e.g. ``k`` or ``l1_coefficient``) on the first
-    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed)``.
+    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)``.
     Cached on disk under every setting (``data/cache/llm_saes``), so reruns load it."""
     check_positive_int("d_sae", d_sae)
     with seeded(seed):
         sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
-    job = Job(sae, source.stream(settings.batch_size, stream_seed), stream_key(source, settings.batch_size, stream_seed),
-              init={"seed": seed}, label=label or f"{architecture} width {d_sae}")
+    stream = source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)
+    job = Job(sae, stream, stream.key(), init={"seed": seed}, label=label or f"{architecture} width {d_sae}")
     return train_saes({"sae": job}, settings, kind="llm_saes")["sae"]
 
 
-def stream_key(source: ActivationSource, batch_size: int, stream_seed: int) -> dict[str, Any]:
-    """What identifies ``source.stream(batch_size, stream_seed)`` in a cache key."""
-    return {"activations": source.settings, "batch_size": batch_size, "stream_seed": stream_seed}
+@dataclass(frozen=True)
+class SAERecipe:
+    """How the LLM figures train a BatchTopK ('btk') or L1 ('l1') SAE at a profile's scale:
+    its SAELens architecture, base and continued learning rates, and config."""
+
+    architecture: str
+    lr: float
+    continued_lr: float
+    cfg: dict[str, Any]
+
+    @classmethod
+    def at_scale(cls, scale: LLMScale, model: LLMModel, arch: str, *, k: int | None = None,
+                 l1_multiple: float = 1.0) -> "SAERecipe":
+        """BatchTopK with K = ``k`` (default ``scale.k``), or L1 with ``l1_multiple`` times the
+        model's coefficient and the scale's warm-up."""
+        if arch == "btk":
+            return cls("batchtopk", scale.lr_batchtopk, scale.continued_lr_batchtopk, {"k": k or scale.k})
+        if arch == "l1":
+            return cls("standard", scale.lr_l1, scale.continued_lr_l1,
+                       {"l1_coefficient": model.l1_coefficient * l1_multiple, "l1_warm_up_steps": scale.l1_warm_up_steps})
+        raise ParameterError(f"arch={arch!r} is not 'btk' or 'l1'.")
+
+    def base_settings(self, scale: LLMScale) -> TrainSettings:
+        return TrainSettings.for_samples(scale.base_tokens, scale.batch_size, lr=self.lr,
+                                         dead_feature_window=scale.dead_feature_window)
+
+    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int) -> TrainingSAE[Any]:
+        """The base SAE of ``measure_hedging`` with this recipe (the same cache entry)."""
+        return train_llm_sae(source, width, self.base_settings(scale), architecture=self.architecture, seed=seed,
+                             stream_seed=seed, label=f"{self.architecture} width {width} seed {seed}", **self.cfg)
+
+
+def stream_key(source: ActivationSource, batch_size: int, stream_seed: int, *, window_bytes: int | None = None) -> dict[str, Any]:
+    """What identifies ``source.stream(batch_size, stream_seed, window_bytes=...)`` in a cache key."""
+    return source.stream(batch_size, stream_seed, window_bytes=window_bytes).key()
 
 
 @torch.no_grad()
 def latent_activations(sae: TrainingSAE[Any], source: ActivationSource, latents: Sequence[int], batch_size: int = 8192) -> torch.Tensor:
     """Activations [n_seq, ctx, len(latents)] of ``latents`` on every cached position
-    (special tokens get 0), for top-activating examples."""
-    acts, positions = source.training_tokens
-    out = torch.zeros(len(acts), len(latents))
+    (special tokens get 0), for top-activating examples. A cache larger than a stream's window
+    is read shard by shard."""
     idx = torch.tensor(list(latents))
-    for i in range(0, len(acts), batch_size):
-        out[i:i + batch_size] = sae.encode(acts[i:i + batch_size])[:, idx]
-    full = torch.zeros(source.n_shards * int(source.settings["shard_sequences"]) * source.context_size, len(latents))
-    full[positions] = out
+    shard_positions = int(source.settings["shard_sequences"]) * source.context_size
+    full = torch.zeros(source.n_shards * shard_positions, len(latents))
+    if source.window_shards() >= source.n_shards:
+        parts = [(0, *source.training_tokens)]
+    else:
+        parts = ((i * shard_positions, *source.shard_training_tokens(i)) for i in range(source.n_shards))
+    for offset, acts, positions in parts:
+        out = torch.zeros(len(acts), len(latents))
+        for i in range(0, len(acts), batch_size):
+            out[i:i + batch_size] = sae.encode(acts[i:i + batch_size])[:, idx]
+        full[offset + positions] = out
     return full.reshape(-1, source.context_size, len(latents))
 
 
@@ -534,26 +743,82 @@ def measure_hedging(
     n_random_draws: int = 10,
     dead_feature_window: int = DEAD_FEATURE_WINDOW,
     extend_kwargs: dict[str, Any] | None = None,
+    window_bytes: int | None = None,
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
     """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
     a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
-    Token counts are used in whole batches. Every SAE is cached."""
+    Token counts are used in whole batches. Every SAE is cached. ``window_bytes`` bounds the
+    activations the stream holds (``ActivationSource.stream``)."""
     base_settings = TrainSettings.for_samples(base_tokens, batch_size, lr=lr, dead_feature_window=dead_feature_window)
     continued = TrainSettings.for_samples(continued_tokens, batch_size, lr=lr if continued_lr is None else continued_lr,
                                           dead_feature_window=dead_feature_window)
     base = train_llm_sae(source, width, base_settings, architecture=architecture, seed=seed, stream_seed=seed,
-                         label=f"{architecture} width {width} seed {seed}", **sae_cfg)
-    pair = control_and_extended(base, n_new, source.stream(batch_size, seed), continued,
-                                data=stream_key(source, batch_size, seed), start_batch=base_settings.steps, seed=seed,
+                         label=f"{architecture} width {width} seed {seed}", window_bytes=window_bytes, **sae_cfg)
+    stream = source.stream(batch_size, seed, window_bytes=window_bytes)
+    pair = control_and_extended(base, n_new, stream, continued, data=stream.key(), start_batch=base_settings.steps, seed=seed,
                                 **(extend_kwargs or {}))
     degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
     return HedgingMeasurement(base, pair, degree, mean_l0(pair.control, source))
 
 
+def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_random_draws: int = 10) -> list[GrowthStep]:
+    """The post's growing L1 SAE on ``source`` at the widths and tokens of ``scale`` (an
+    ``LLMScale``): ``growing_start`` latents, a group of ``growing_group`` more every
+    ``growing_group_tokens`` tokens up to ``growing_max``, every width trained to
+    ``growing_total_tokens`` (``grow_sae``). Every SAE is cached."""
+    training = TrainSettings.for_samples(scale.growing_group_tokens, scale.batch_size, lr=scale.lr_l1)
+    start = train_llm_sae(source, scale.growing_start, training, architecture="standard", seed=seed, stream_seed=seed,
+                          label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient)
+    return grow_sae(start, source.stream(scale.batch_size, seed), data=stream_key(source, scale.batch_size, seed),
+                    group_size=scale.growing_group, max_width=scale.growing_max,
+                    samples_per_group=scale.growing_group_tokens, total_samples=scale.growing_total_tokens,
+                    settings=training, seed=seed, n_random_draws=n_random_draws)
+
+
+def pretrained_sae_ids(release: str, prefix: str = "") -> list[str]:
+    """The SAE ids of a release in SAELens' pretrained registry that start with ``prefix``
+    (e.g. ``gemma-scope-2b-pt-res`` and ``layer_12/``), sorted by width then L0 where the ids
+    say them (Gemma Scope's ``width_16k/average_l0_82``)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise ParameterError(f"release={release!r} is not in SAELens' pretrained registry; see "
+                             "sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory().")
+    ids = [i for i in directory[release].saes_map if i.startswith(prefix)]
+    if not ids:
+        raise ParameterError(f"release {release!r} has no SAE id starting with {prefix!r}.")
+    return sorted(ids, key=lambda i: (sae_id_width(i) or 0, sae_id_l0(i) or 0, i))
+
+
+def sae_id_width(sae_id: str) -> int | None:
+    """The width an SAE id states (``width_16k`` -> 16,384, ``width_1m`` -> 1,048,576), if any."""
+    for part in sae_id.split("/"):
+        if part.startswith("width_"):
+            size = part[len("width_"):]
+            unit = {"k": 2**10, "m": 2**20}.get(size[-1:].lower(), 1)
+            return int(size.rstrip("kKmM")) * unit
+    return None
+
+
+def sae_id_l0(sae_id: str) -> float | None:
+    """The average L0 an SAE id states (``average_l0_82`` -> 82), if any."""
+    for part in sae_id.split("/"):
+        if part.startswith("average_l0_"):
+            return float(part[len("average_l0_"):])
+    return None
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu") -> Any:
+    """A published SAE through SAELens' pretrained registry (downloads it from the model hub)."""
+    from sae_lens import SAE
+
+    return SAE.from_pretrained(release, sae_id, device=device)
+
+
 @torch.no_grad()
 def mean_l0(sae: TrainingSAE[Any], source: ActivationSource, n_tokens: int = 16_384) -> float:
     """Mean number of active latents per token on the last ``n_tokens`` cached tokens."""
-    acts, _ = source.training_tokens
-    return float((sae.encode(acts[-n_tokens:]) > 0).float().sum(1).mean())
+    return float((sae.encode(source.tail(n_tokens)) > 0).float().sum(1).mean())

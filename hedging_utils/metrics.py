@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
+import torch
 
 
 def zero_crossing(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -113,3 +115,90 @@ def hedging_degree(control: Any, extended: Any, *, n_random_draws: int = 10, see
         control.W_dec.detach().float().cpu().numpy(), extended.W_dec.detach().float().cpu().numpy(),
         n_random_draws=n_random_draws, seed=seed,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder-bias norms (the post: "Larger decoder bias norm indicates more hedging")
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def _span_share(vector: np.ndarray, rows: np.ndarray) -> float:
+    """||Proj(v, span of rows)||^2 / ||v||^2 (1 once the rows span the whole space)."""
+    norm = float(vector @ vector)
+    if norm == 0 or len(rows) == 0:
+        return float("nan")
+    return float(projection_norms(vector[None], rows)[0] ** 2 / norm)
+
+
+def decoder_bias_table(saes: Mapping[Any, Any], activations: Any, *, batch_size: int = 4096) -> pd.DataFrame:
+    """One row per SAE (any SAELens SAE, keyed by a name): its width, its L0 and the share of
+    its latents that fire on ``activations`` (inputs [n, d] in the units the SAE was trained
+    on), ||b_dec||, ||b_dec|| over the mean input norm, the cosine of b_dec with the mean
+    input, and the share of b_dec in the span of the decoder rows (1 once the decoder spans
+    the input space, i.e. for widths of at least d that are full rank)."""
+    x = torch.as_tensor(activations).float()
+    mean_x = x.mean(0).numpy()
+    mean_norm = float(x.norm(dim=1).mean())
+    rows = []
+    for name, sae in saes.items():
+        b = sae.b_dec.detach().float().cpu().numpy()
+        w = sae.W_dec.detach().float().cpu().numpy()
+        with torch.no_grad():
+            fires = torch.cat([sae.encode(x[i:i + batch_size]) > 0 for i in range(0, len(x), batch_size)])
+        rows.append({"sae": name, "width": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in),
+                     "l0": float(fires.float().sum(1).mean()), "alive_fraction": float(fires.any(0).float().mean()),
+                     "b_dec_norm": float(np.linalg.norm(b)), "relative_b_dec_norm": float(np.linalg.norm(b)) / mean_norm,
+                     "cos_b_dec_mean_input": _cos(b, mean_x), "b_dec_span_share": _span_share(b, w)})
+    return pd.DataFrame(rows)
+
+
+def bias_changes(
+    saes: Sequence[Any], activations: Any, *, n_random_draws: int = 200, seed: int = 0, batch_size: int = 4096,
+) -> pd.DataFrame:
+    """How b_dec changes across the stages of a growing SAE (``saes``: widths in order, each
+    stage's first latents being the previous stage's), and a test of the post's guess that
+    past the residual width the changes add up like independent random vectors.
+
+    Per stage s (from the second SAE on), with delta = b_s - b_{s-1}:
+    - ``span_share_new``: share of ||delta||^2 in the span of the latents just added (NaN once
+      they are at least d, when that span is everything), against ``span_share_random`` = N/d;
+    - ``cos_handover``: cosine of delta with minus the new latents' mean output
+      sum_j E[a_j] W_dec[j] on ``activations`` (+1: the bias hands what the new latents now
+      carry over to them, as hedging predicts);
+    - ``cos_previous_bias`` and ``cos_previous_change``: cosine of delta with b_{s-1} and with
+      the previous stage's delta (about ±1/sqrt(d) for independent random vectors);
+    - ``random_walk_norm`` (± ``random_walk_std``): ||b_0 + sum of independent random vectors
+      of the measured change norms|| over ``n_random_draws`` draws, the sqrt(n) law, beside the
+      measured ``b_dec_norm``.
+    """
+    x = torch.as_tensor(activations).float()
+    rng = np.random.default_rng(seed)
+    biases = [sae.b_dec.detach().float().cpu().numpy().astype(float) for sae in saes]
+    d = len(biases[0])
+    walks = np.repeat(biases[0][None], n_random_draws, axis=0)
+    rows, previous_delta = [], None
+    for s in range(1, len(saes)):
+        before, after = saes[s - 1], saes[s]
+        old, new = int(before.cfg.d_sae), int(after.cfg.d_sae)
+        delta = biases[s] - biases[s - 1]
+        w_new = after.W_dec.detach().float().cpu().numpy()[old:]
+        with torch.no_grad():
+            mean_acts = torch.cat([after.encode(x[i:i + batch_size])[:, old:] for i in range(0, len(x), batch_size)]).mean(0)
+        handover = -(mean_acts.numpy().astype(float) @ w_new)
+        steps = rng.standard_normal((n_random_draws, d))
+        walks = walks + steps / np.linalg.norm(steps, axis=1, keepdims=True) * np.linalg.norm(delta)
+        walk_norms = np.linalg.norm(walks, axis=1)
+        rows.append({"width_before": old, "width_after": new, "n_new": new - old,
+                     "b_dec_norm_before": float(np.linalg.norm(biases[s - 1])), "b_dec_norm": float(np.linalg.norm(biases[s])),
+                     "change_norm": float(np.linalg.norm(delta)),
+                     "span_share_new": _span_share(delta, w_new) if new - old < d else float("nan"),
+                     "span_share_random": min(1.0, (new - old) / d),
+                     "cos_handover": _cos(delta, handover), "cos_previous_bias": _cos(delta, biases[s - 1]),
+                     "cos_previous_change": _cos(delta, previous_delta) if previous_delta is not None else float("nan"),
+                     "random_walk_norm": float(walk_norms.mean()), "random_walk_std": float(walk_norms.std())})
+        previous_delta = delta
+    return pd.DataFrame(rows)

@@ -72,6 +72,8 @@ class LLMScale:
         growing_start, growing_group, growing_max: the growing L1 SAE's widths.
         growing_group_tokens, growing_total_tokens: tokens between groups, and every width's total.
         growing_l1_coefficient: its L1 coefficient (the post: 10 on Gemma-2-2b).
+        doubling_tokens: training tokens of each stage of the growing SAE extended by doubling
+            past the residual width (LW-bdec-growing; the post does not say, ours).
         seeds: seeds per point where a figure reports spread.
     """
 
@@ -104,6 +106,7 @@ class LLMScale:
     growing_group_tokens: int
     growing_total_tokens: int
     growing_l1_coefficient: float
+    doubling_tokens: int
     seeds: int
 
 
@@ -209,7 +212,8 @@ PAPER_LLM = LLMScale(
     k_values=(5, 10, 25, 50, 100, 200), l1_values=(0.25, 0.5, 1.0, 2.0, 4.0),
     n_values=(1, 4, 16, 64, 128, 256, 512, 1024),
     growing_start=64, growing_group=64, growing_max=512, growing_group_tokens=37_500_000,
-    growing_total_tokens=600_000_000, growing_l1_coefficient=10.0, seeds=3,
+    growing_total_tokens=600_000_000, growing_l1_coefficient=10.0, doubling_tokens=37_500_000,
+    seeds=3,
 )
 
 # The offline CPU scale: Gemma 3 270M (18 layers, d_model 640) on the offline corpus, with
@@ -222,7 +226,7 @@ SMALL_LLM = LLMScale(
     widths=(32, 64, 128, 256), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
     growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,
-    growing_l1_coefficient=1.5, seeds=2,
+    growing_l1_coefficient=1.5, doubling_tokens=81_920, seeds=2,
 )
 
 CI_LLM = LLMScale(
@@ -232,7 +236,7 @@ CI_LLM = LLMScale(
     case_study_arch="btk", l1_warm_up_steps=2,
     widths=(32, 64), width=32, n_new=4, k=8, k_values=(4, 8), l1_values=(1.0, 2.0), n_values=(1, 4),
     growing_start=16, growing_group=16, growing_max=48, growing_group_tokens=2048, growing_total_tokens=8192,
-    growing_l1_coefficient=3.0, seeds=1,
+    growing_l1_coefficient=3.0, doubling_tokens=2048, seeds=1,
 )
 
 # The authors' toy runs: SAELens' trainer with training_tokens=100M at train_batch_size_tokens=4096,

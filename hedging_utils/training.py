@@ -18,6 +18,14 @@ use: ``standard`` (ReLU + L1 scaled by decoder norms, with its L1 warm-up), ``ba
 threshold) and the balance-matryoshka variants of ``hedging_utils.variants`` (levels, beta_m,
 detached levels, MSE / L2 / snap losses). Any other architecture trains one SAE at a time with
 SAELens' ``SAETrainer`` (``train_with_sae_lens``), the reference path.
+
+**Sweeps run in-process or on a cluster.** ``train_saes`` trains the SAEs missing from the cache
+where ``Executor`` says (``$HEDGING_EXECUTOR``): in this process (the default), or submitted
+through ``submitit`` to SLURM or to its local executor, one cluster job per data stream (the
+SAEs that share batches, e.g. a control and its extension, stay together). Each cluster job
+writes its SAEs into the shared cache; the caller waits, then loads them from the cache like
+any cached SAE, so a rerun after a partial sweep submits only what is still missing.
+Stacked training runs on ``training_device()`` (``$HEDGING_DEVICE``, else CUDA when present).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -44,7 +53,7 @@ import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
-from hedging_utils.cache import cached_dir, cached_entry
+from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry
 from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
@@ -55,6 +64,12 @@ DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a la
 TEXT_PROGRESS_ENV = "HEDGING_TEXT_PROGRESS"
 """Set (by the headless runner) to draw progress bars as text, which a log keeps; otherwise a
 notebook gets widget bars."""
+
+DEVICE_ENV = "HEDGING_DEVICE"
+"""The torch device of stacked training (``cpu``, ``cuda``, ``cuda:1``...); unset: CUDA if present."""
+
+EXECUTOR_ENV = "HEDGING_EXECUTOR"
+"""Where ``train_saes`` trains: ``inprocess`` (default), ``local`` or ``slurm`` (see ``Executor``)."""
 
 Stream = Callable[[int], Iterator[torch.Tensor]]
 """``stream(start_batch)`` yields training batches from batch index ``start_batch`` on; the
@@ -140,6 +155,103 @@ class Job:
         }
 
 
+@dataclass(frozen=True)
+class Executor:
+    """Where ``train_saes`` trains the SAEs missing from the cache.
+
+    Attributes:
+        kind: ``inprocess`` (here, now), ``local`` (submitit's local executor: a separate
+            process on this machine) or ``slurm`` (submitit's SLURM executor).
+        folder: submitit's folder for the pickled jobs and their logs (default
+            ``<cache>/submitit``); on a cluster it must be on a filesystem the nodes share, as
+            must the cache.
+        partition: the SLURM partition (None: the cluster's default).
+        timeout_min: the time limit of one cluster job, in minutes.
+        gpus_per_node, cpus_per_task, mem_gb: the resources of one cluster job.
+        array_parallelism: how many jobs of one submission run at once.
+        slurm_parameters: any other sbatch options (e.g. ``{"account": "x", "qos": "y"}``).
+
+    ``Executor.from_env()`` reads ``$HEDGING_EXECUTOR`` and, for SLURM, ``$HEDGING_SLURM_PARTITION``,
+    ``$HEDGING_SLURM_TIME_MIN``, ``$HEDGING_SLURM_GPUS``, ``$HEDGING_SLURM_CPUS``,
+    ``$HEDGING_SLURM_MEM_GB``, ``$HEDGING_SLURM_PARALLELISM`` and ``$HEDGING_SUBMITIT_DIR``.
+    """
+
+    kind: str = "inprocess"
+    folder: str | None = None
+    partition: str | None = None
+    timeout_min: int = 240
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    array_parallelism: int = 64
+    slurm_parameters: tuple[tuple[str, Any], ...] = ()
+
+    KINDS = ("inprocess", "local", "slurm")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ParameterError(
+                f"executor={self.kind!r} is not one of {list(self.KINDS)}; set ${EXECUTOR_ENV} to 'inprocess' (the default), "
+                "'local' (submitit's local executor) or 'slurm'."
+            )
+        for name in ("timeout_min", "cpus_per_task", "mem_gb", "array_parallelism"):
+            check_positive_int(name, getattr(self, name))
+        if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+            raise ParameterError(f"gpus_per_node={self.gpus_per_node!r} must be a non-negative integer.")
+        if isinstance(self.slurm_parameters, Mapping):
+            object.__setattr__(self, "slurm_parameters", tuple(sorted(self.slurm_parameters.items())))
+
+    @classmethod
+    def from_env(cls) -> "Executor":
+        env = os.environ
+        ints = {field: env[var] for field, var in (
+            ("timeout_min", "HEDGING_SLURM_TIME_MIN"), ("gpus_per_node", "HEDGING_SLURM_GPUS"),
+            ("cpus_per_task", "HEDGING_SLURM_CPUS"), ("mem_gb", "HEDGING_SLURM_MEM_GB"),
+            ("array_parallelism", "HEDGING_SLURM_PARALLELISM")) if env.get(var)}
+        for field, value in ints.items():
+            if not value.isdigit():
+                raise ParameterError(f"{field}={value!r} (from the environment) must be a whole number.")
+        return cls(kind=env.get(EXECUTOR_ENV) or "inprocess", folder=env.get("HEDGING_SUBMITIT_DIR") or None,
+                   partition=env.get("HEDGING_SLURM_PARTITION") or None, **{k: int(v) for k, v in ints.items()})
+
+    @property
+    def log_folder(self) -> Path:
+        return Path(self.folder) if self.folder else cache_root() / "submitit"
+
+    def submitit_executor(self) -> Any:
+        """The configured ``submitit`` executor (``local`` or ``slurm``)."""
+        import submitit
+
+        folder = self.log_folder
+        if self.kind == "local":
+            executor = submitit.LocalExecutor(folder=folder / "%j")
+            gpus = min(self.gpus_per_node, torch.cuda.device_count())  # the GPUs this machine has, at most
+            executor.update_parameters(timeout_min=self.timeout_min, gpus_per_node=gpus)
+            return executor
+        # a job pickles its SAEs: the paper's widest (65,536 x 2,304, both matrices) is 1.2 GB
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_pickle_size_gb=16)
+        params: dict[str, Any] = dict(timeout_min=self.timeout_min, gpus_per_node=self.gpus_per_node,
+                                      cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb, tasks_per_node=1, nodes=1,
+                                      slurm_array_parallelism=self.array_parallelism, name="hedging-sweep")
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        if self.slurm_parameters:
+            params["slurm_additional_parameters"] = dict(self.slurm_parameters)
+        executor.update_parameters(**params)
+        return executor
+
+
+def training_device() -> torch.device:
+    """Where stacked training runs: ``$HEDGING_DEVICE``, else CUDA if present, else the CPU."""
+    chosen = os.environ.get(DEVICE_ENV)
+    if chosen:
+        try:
+            return torch.device(chosen)
+        except RuntimeError:
+            raise ParameterError(f"{DEVICE_ENV}={chosen!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make_sae(d_in: int, d_sae: int, architecture: str = "standard", **cfg: Any) -> TrainingSAE[Any]:
     """A fresh SAELens training SAE of any registered architecture."""
     sae_cls, cfg_cls = get_sae_training_class(architecture)
@@ -148,7 +260,7 @@ def make_sae(d_in: int, d_sae: int, architecture: str = "standard", **cfg: Any) 
 
 def train_saes(
     jobs: Mapping[str, Job], settings: TrainSettings, *, kind: str = "saes", cache: bool = True,
-    progress: bool = True,
+    progress: bool = True, executor: Executor | str | None = None,
 ) -> dict[str, TrainingSAE[Any]]:
     """Train every job for ``settings.steps`` steps and return the trained SAEs by name.
 
@@ -156,19 +268,81 @@ def train_saes(
     key being every setting that produced it (``Job.cache_settings``): SAEs already there are
     loaded, the missing ones are trained together (``train_together``) and saved one by one,
     atomically, so an interrupted sweep resumes with what finished.
+
+    ``executor`` (an ``Executor``, its kind, or None for ``Executor.from_env()``) says where the
+    missing SAEs train: in this process, or as submitit jobs, one per data stream, each
+    training its SAEs and writing them into the cache; this call waits for them and loads the
+    SAEs from the cache. Without ``cache`` everything trains in this process.
     """
     for name, job in jobs.items():
         check_steps(job.sae, settings.steps)
     if not cache:
         return train_together(jobs, settings, progress=progress)
+    executor = Executor(executor) if isinstance(executor, str) else executor or Executor.from_env()
     keys = {name: job.cache_settings(settings) for name, job in jobs.items()}
     done = {name: cached_entry(kind, key) for name, key in keys.items()}
     missing = {name: job for name, job in jobs.items() if done[name] is None}
-    if missing:
+    if missing and executor.kind == "inprocess":
         trained = train_together(missing, settings, progress=progress)
         for name, sae in trained.items():
             done[name] = cached_dir(kind, keys[name], lambda path, sae=sae: sae.save_model(path))
+    elif missing:
+        done.update(submit_and_wait(missing, settings, kind, executor, progress=progress))
     return {name: TrainingSAE.load_from_disk(done[name]) for name in jobs}
+
+
+@dataclass
+class TrainTask:
+    """A cluster job: train ``jobs`` together and write each SAE into the cache under ``kind``.
+
+    It carries the jobs themselves (their SAEs and their streams, which rebuild their data in
+    the worker: an LLM stream is its cache's path and settings, never its activations) and the
+    cache root, so the worker writes where the caller reads.
+    """
+
+    jobs: dict[Any, Job]
+    settings: TrainSettings
+    kind: str
+    cache_dir: str
+
+    def __call__(self) -> dict[Any, str]:
+        os.environ[CACHE_ENV] = self.cache_dir
+        keys = {name: job.cache_settings(self.settings) for name, job in self.jobs.items()}
+        todo = {name: job for name, job in self.jobs.items() if cached_entry(self.kind, keys[name]) is None}
+        print(f"training {len(todo)} of {len(self.jobs)} SAEs on {training_device()}", flush=True)
+        trained = train_together(todo, self.settings, progress=True) if todo else {}
+        for name, sae in trained.items():
+            cached_dir(self.kind, keys[name], lambda path, sae=sae: sae.save_model(path))
+        return {name: str(cached_entry(self.kind, keys[name])) for name in self.jobs}
+
+
+def sweep_tasks(jobs: Mapping[Any, Job], settings: TrainSettings, kind: str) -> list[TrainTask]:
+    """The cluster jobs of a sweep: one per data stream (the SAEs that share batches)."""
+    by_stream: dict[str, dict[Any, Job]] = {}
+    for name, job in jobs.items():
+        by_stream.setdefault(_stream_id(job), {})[name] = job
+    return [TrainTask(group, settings, kind, str(cache_root())) for group in by_stream.values()]
+
+
+def submit_and_wait(
+    jobs: Mapping[Any, Job], settings: TrainSettings, kind: str, executor: Executor, *, progress: bool = True
+) -> dict[Any, Path]:
+    """Submit the jobs through submitit (``sweep_tasks``), wait for them, and return the cache
+    entries they wrote. A failed cluster job raises with its error and log."""
+    tasks = sweep_tasks(jobs, settings, kind)
+    runner = executor.submitit_executor()
+    with runner.batch():
+        submitted = [runner.submit(task) for task in tasks]
+    if progress:
+        print(f"  submitted {len(submitted)} {executor.kind} job(s) for {len(jobs)} SAE(s): "
+              f"{', '.join(str(j.job_id) for j in submitted)}; waiting (logs in {executor.log_folder})", flush=True)
+    start = time.perf_counter()
+    done: dict[Any, Path] = {}
+    for job in submitted:
+        done.update({name: Path(path) for name, path in job.result().items()})
+    if progress:
+        print(f"  collected {len(done)} SAE(s) from the cache after {time.perf_counter() - start:.1f}s", flush=True)
+    return done
 
 
 def train_together(
@@ -376,14 +550,15 @@ def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
-    model = StackedSAEs([job.sae for job in jobs])
+    device = training_device()
+    model = StackedSAEs([job.sae for job in jobs]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.adam_betas, foreach=True)
-    since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1])
+    since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1], device=device)
     inputs = _stacked_batches(jobs)
     progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
     bar = progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
     for step in range(settings.steps):
-        x = next(inputs)
+        x = next(inputs).to(device, non_blocking=True)
         dead = (since_fired > settings.dead_feature_window) & model.latent_mask if model.topk else None
         loss, acts = model.loss(x, step, dead)
         loss.sum().backward()
@@ -406,7 +581,7 @@ def _stacked_batches(jobs: Sequence[Job]) -> Iterator[torch.Tensor]:
     streams: dict[str, Iterator[torch.Tensor]] = {}
     index = []
     for job in jobs:
-        key = json.dumps({"data": job.data, "start": job.start_batch}, sort_keys=True, default=str)
+        key = _stream_id(job)
         if key not in streams:
             streams[key] = job.stream(job.start_batch)
         index.append(list(streams).index(key))
@@ -416,6 +591,11 @@ def _stacked_batches(jobs: Sequence[Job]) -> Iterator[torch.Tensor]:
             yield batches[0].expand(len(jobs), *batches[0].shape)
         else:
             yield torch.stack([batches[i] for i in index])
+
+
+def _stream_id(job: Job) -> str:
+    """Jobs with equal ids read the same batches."""
+    return json.dumps({"data": job.data, "start": job.start_batch}, sort_keys=True, default=str)
 
 
 def _clip_per_sae(params: Sequence[torch.Tensor], max_norm: float) -> None:

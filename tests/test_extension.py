@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from hedging_utils.extension import PairSpec, control_and_extended, continue_training, extend_sae, extension_pairs
+from hedging_utils.extension import (PairSpec, control_and_extended, continue_training, extend_sae, extension_pairs, grow_sae,
+                                     grow_by_doubling, grow_saes)
 from hedging_utils.metrics import hedging_degree, hedging_degree_from_decoders, projection_norms
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import ToySetting, conditional_pair
@@ -142,3 +143,51 @@ def test_extension_pairs_of_a_sweep_train_together_like_one_at_a_time():
         alone = control_and_extended(spec.base, 1, spec.stream, settings, data=spec.data, start_batch=3, seed=s, cache=False)
         assert torch.allclose(together[s].extended.W_dec, alone.extended.W_dec, atol=1e-6)
         assert torch.allclose(together[s].control.W_enc, alone.control.W_enc, atol=1e-6)
+
+
+def _growth_kwargs(batch):
+    return dict(group_size=1, max_width=4, samples_per_group=4 * batch, total_samples=12 * batch,
+                settings=TrainSettings(steps=1, batch_size=batch), n_random_draws=2, progress=lambda _: None)
+
+
+def test_growing_adds_groups_up_to_the_maximum_width():
+    toy = ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8)
+    steps = grow_sae(make_sae(8, 2, "standard", l1_coefficient=1e-3), toy.stream(32, seed=0), data=toy.stream_key(32, 0),
+                     **_growth_kwargs(32))
+    assert [(st.width_before, st.width_after, st.added_at_sample) for st in steps] == [(2, 3, 128), (3, 4, 256)]
+    assert all(st.pair.control.cfg.d_sae == st.width_before and st.pair.extended.cfg.d_sae == st.width_after for st in steps)
+
+
+def test_chains_grown_in_lockstep_match_chains_grown_alone():
+    toys = {"a": ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8), "b": ToySetting([0.4, 0.1, 0.1, 0.05], d_model=8)}
+    starts = {name: PairSpec(make_sae(8, 2, "standard", l1_coefficient=1e-3), toy.stream(32, seed=1),
+                             toy.stream_key(32, 1), seed=i) for i, (name, toy) in enumerate(toys.items())}
+    together = grow_saes(starts, **_growth_kwargs(32))
+    for name, spec in starts.items():
+        alone = grow_sae(spec.base, spec.stream, data=spec.data, seed=spec.seed, **_growth_kwargs(32))
+        for a, b in zip(together[name], alone):
+            assert torch.allclose(a.pair.extended.W_dec, b.pair.extended.W_dec, atol=1e-6)
+            assert a.degree.portion_new == pytest.approx(b.degree.portion_new, abs=1e-5)
+
+
+def test_growing_chains_must_start_at_one_width():
+    toy = ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8)
+    starts = {w: PairSpec(make_sae(8, w, "standard"), toy.stream(32, seed=0), toy.stream_key(32, 0)) for w in (2, 3)}
+    with pytest.raises(ParameterError, match="one width"):
+        grow_saes(starts, **_growth_kwargs(32))
+
+
+def test_doubling_keeps_each_stage_and_its_latents():
+    toy = ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8)
+    starts = {s: PairSpec(make_sae(8, 2, "standard", l1_coefficient=1e-3), toy.stream(32, seed=s), toy.stream_key(32, s),
+                          start_batch=5, seed=s) for s in (0, 1)}
+    grown = grow_by_doubling(starts, doublings=2, samples_per_stage=3 * 32, settings=TrainSettings(steps=1, batch_size=32))
+    for s, saes in grown.items():
+        assert [sae.cfg.d_sae for sae in saes] == [2, 4, 8]
+        assert saes[0] is starts[s].base
+    assert not torch.equal(grown[0][1].W_dec, grown[1][1].W_dec)  # seeds differ in new latents and batches
+    control = grow_by_doubling(starts, doublings=2, samples_per_stage=3 * 32, settings=TrainSettings(steps=1, batch_size=32),
+                               double=False)
+    assert [sae.cfg.d_sae for sae in control[0]] == [2, 2, 2]
+    with pytest.raises(ParameterError, match="doublings"):
+        grow_by_doubling(starts, doublings=0, samples_per_stage=32, settings=TrainSettings(steps=1, batch_size=32))

@@ -1,11 +1,14 @@
 """The language-model machinery: checks before compute, text, the resumable activation cache,
 streams, and the TransformerLens model against Hugging Face's. Uses a tiny corpus and few tokens."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from hedging_utils import llm
 from hedging_utils.profiles import PROFILES, ParameterError
+from hedging_utils.training import training_device
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +158,70 @@ def test_llm_saes_of_every_kind_train_and_extend(model, tiny_corpus, architectur
     m = llm.measure_hedging(source, 16, 2, architecture=architecture, base_tokens=64, continued_tokens=64, batch_size=32,
                             lr=1e-3, seed=0, **cfg)
     assert m.pair.extended.cfg.d_sae == 18 and torch.isfinite(m.pair.extended.W_dec).all()
+
+
+def test_paper_settings_at_tiny_token_counts_take_the_streamed_path(model, monkeypatch):
+    """The ``paper`` profile's LLM settings (context 1,024, BatchTopK K = 25, its narrowest width, N = 64,
+    its learning rates and dead-latent window) on the offline model and text, a few thousand tokens,
+    through the windowed stream a paper-sized cache takes (one shard a window), on
+    ``training_device()``: the GPU when there is one, else this CPU."""
+    paper = PROFILES["paper"].llm
+    tiny = dataclasses.replace(paper, corpus="offline", shard_sequences=1, cached_tokens=4 * paper.context_size,
+                               base_tokens=2048, continued_tokens=1024, batch_size=256)
+    source = llm.cache_activations("gemma-3-270m", [9], tiny.corpus, context_size=tiny.context_size, n_tokens=tiny.cached_tokens,
+                                   shard_sequences=tiny.shard_sequences, loaded_model=model, device="cpu", progress=False)[9]
+    monkeypatch.setattr(llm, "DEFAULT_WINDOW_BYTES", source.shard_bytes)  # a paper cache: far more shards than a window
+    assert source.n_shards == 4 and not source.stream(tiny.batch_size).whole
+    m = llm.measure_hedging(source, tiny.widths[0], tiny.n_new, architecture="batchtopk", base_tokens=tiny.base_tokens,
+                            continued_tokens=tiny.continued_tokens, batch_size=tiny.batch_size, lr=tiny.lr_batchtopk,
+                            continued_lr=tiny.continued_lr_batchtopk, dead_feature_window=tiny.dead_feature_window,
+                            k=tiny.k, n_random_draws=2)
+    assert m.pair.extended.cfg.d_sae == 128 + 64 and torch.isfinite(m.pair.extended.W_dec).all()
+    assert "training_tokens" not in source.__dict__  # the cache was never read whole
+    assert 0 < m.l0 <= 2 * tiny.k
+    print(f"paper settings at {tiny.base_tokens:,} + {tiny.continued_tokens:,} tokens on {training_device()}: "
+          f"h = {m.degree.h:.4f}, L0 = {m.l0:.1f}")
+
+
+def test_recipe_base_sae_is_measure_hedgings_base(model, tiny_corpus):
+    from dataclasses import replace
+    source = _cache(model, tiny_corpus)[2]
+    scale = replace(PROFILES["ci"].llm, base_tokens=96, continued_tokens=64, batch_size=32, k=4)
+    recipe = llm.SAERecipe.at_scale(scale, scale.models[0], "btk")
+    m = llm.measure_hedging(source, 16, 2, architecture=recipe.architecture, base_tokens=scale.base_tokens,
+                            continued_tokens=scale.continued_tokens, batch_size=scale.batch_size, lr=recipe.lr,
+                            dead_feature_window=scale.dead_feature_window, seed=1, **recipe.cfg)
+    assert torch.equal(recipe.base_sae(source, scale, 16, seed=1).W_dec, m.base.W_dec)
+    assert llm.SAERecipe.at_scale(scale, scale.models[0], "l1", l1_multiple=2.0).cfg["l1_coefficient"] == 2 * scale.models[0].l1_coefficient
+    with pytest.raises(ParameterError, match="arch"):
+        llm.SAERecipe.at_scale(scale, scale.models[0], "jumprelu")
+
+
+def test_pretrained_ids_come_from_sae_lens_registry_sorted_by_width_and_l0():
+    ids = llm.pretrained_sae_ids("gemma-scope-2b-pt-res", "layer_12/")
+    assert ids[0] == "layer_12/width_16k/average_l0_22" and ids[-1].startswith("layer_12/width_1m/")
+    assert llm.sae_id_width("layer_12/width_1m/average_l0_19") == 2**20 and llm.sae_id_l0("layer_12/width_16k/average_l0_82") == 82
+    with pytest.raises(ParameterError, match="release"):
+        llm.pretrained_sae_ids("no-such-release")
+
+
+def test_pretrained_sae_loads_through_sae_lens(tmp_path, monkeypatch):
+    """The pretrained path, offline: SAELens' loader is pointed at a small SAE saved in SAELens' format."""
+    from sae_lens import SAE
+    from hedging_utils.metrics import decoder_bias_table
+    from hedging_utils.training import make_sae
+    saved = make_sae(8, 12, "standard")
+    with torch.no_grad():
+        saved.b_dec.fill_(0.5)
+    saved.save_inference_model(tmp_path / "sae")
+    calls = []
+
+    def from_disk(release, sae_id, device="cpu"):
+        calls.append((release, sae_id))
+        return SAE.load_from_disk(tmp_path / "sae", device=device)
+
+    monkeypatch.setattr(SAE, "from_pretrained", from_disk)
+    sae = llm.load_pretrained_sae("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_22")
+    assert calls == [("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_22")]
+    table = decoder_bias_table({"pretrained": sae}, torch.randn(64, 8))
+    assert table.loc[0, "width"] == 12 and table.loc[0, "b_dec_norm"] == pytest.approx(0.5 * 8**0.5)
