@@ -10,7 +10,9 @@ their weights are stacked along a leading axis, each step runs one batched matmu
 for all of them, and one Adam step updates them all. Adam, gradient clipping and every loss
 term act per SAE, so each SAE follows exactly the trajectory SAELens' own ``SAETrainer`` would
 give it on the same batches (a test checks this against SAELens' trainer); only the per-step
-overhead, which dominates for toy-sized SAEs, is paid once per sweep.
+overhead, which dominates for toy-sized SAEs, is paid once per sweep. A sweep of LLM-sized SAEs
+is cut into stacks of a few SAEs each (``STACK_BYTES``), which keeps a step's tensors in the CPU's
+caches.
 
 The stacked loss mirrors SAELens' training forward pass for the architectures the notebooks
 use: ``standard`` (ReLU + L1 scaled by decoder norms, with its L1 warm-up), ``batchtopk``
@@ -355,7 +357,7 @@ def train_together(
     for name, job in jobs.items():
         groups.setdefault(_group_key(job), []).append(name)
     out: dict[str, TrainingSAE[Any]] = {}
-    for names in groups.values():
+    for names in (chunk for group in groups.values() for chunk in _stack_chunks(group, jobs, settings)):
         group = [jobs[n] for n in names]
         label = _describe(names, group)
         start = time.perf_counter()
@@ -402,8 +404,9 @@ class StackedSAEs(torch.nn.Module):
 
     ``loss(x, step, dead)`` returns each SAE's training loss (shape [S]) exactly as its own
     ``training_forward_pass`` computes it, for inputs ``x`` of shape [S, B, d_in].
-    Coefficients may differ between the SAEs: the L1 coefficient and its floor, and the
-    balance-matryoshka level coefficients beta_m.
+    Coefficients may differ between the SAEs: the L1 coefficient and its floor, the
+    balance-matryoshka level coefficients beta_m, BatchTopK's K and the reconstruction loss
+    (MSE, L2 or snap, and snap's switching step).
     """
 
     def __init__(self, saes: Sequence[TrainingSAE[Any]]):
@@ -416,11 +419,12 @@ class StackedSAEs(torch.nn.Module):
         self.apply_b_dec_to_input = float(cfg.apply_b_dec_to_input)
         self.widths = [max(s.cfg.d_sae for s in saes)] if _single_level(first) else list(cfg.matryoshka_widths)
         self.detach = bool(getattr(cfg, "detach_inner_levels", False))
-        self.loss_kind = getattr(cfg, "reconstruction_loss", "mse")
-        self.snap_step = getattr(cfg, "snap_step", None)
         self.lp_norm = getattr(cfg, "lp_norm", 1.0)
         self.l1_warm_up_steps = getattr(cfg, "l1_warm_up_steps", 0)
-        self.k = getattr(cfg, "k", None)
+        # per SAE: BatchTopK's K, and the reconstruction loss with the step where snap loss switches to L2
+        self.k = [getattr(s.cfg, "k", None) for s in saes]
+        self.loss_kinds = [getattr(s.cfg, "reconstruction_loss", "mse") for s in saes]
+        self.snap_steps = [getattr(s.cfg, "snap_step", None) for s in saes]
         # single-level SAEs of different widths share one stack: each is padded to the widest
         # with latents whose activations are held at 0, so they get no gradient and never count
         width = self.widths[-1]
@@ -468,13 +472,16 @@ class StackedSAEs(torch.nn.Module):
             decoder = self.W_dec
         coefficient = None if self.topk else self.coefficient(step)
         total = x.new_zeros(x.shape[0])
-        latents, start = 0, 0
+        # the error x - recon of each level, level by level: error_m = error_(m-1) - acts_m W_dec_m, one fused
+        # baddbmm per level (the levels' reconstructions are never formed, which saves most of the memory
+        # traffic of a many-level stack); with detached inner levels the inner part carries no gradient
+        base = x - self.b_dec[:, None]
+        error, start = base, 0
         for m, width in enumerate(self.widths):
-            if self.detach and start > 0:
-                latents = latents.detach()  # the inner levels' latents, not the shared b_dec
-            latents = latents + torch.bmm(acts[:, :, start:width], decoder[:, start:width])
-            recon = self.b_dec[:, None] + latents
-            level = self.reconstruction_loss(recon, x, step)
+            if self.detach and start > 0:  # the same value; gradient only into b_dec, not the inner latents
+                error = base - base.detach() + error.detach()
+            error = torch.baddbmm(error, acts[:, :, start:width], decoder[:, start:width], alpha=-1.0)
+            level = self.reconstruction_loss(error, step)
             if coefficient is not None:
                 lo = start if self.detach else 0
                 weighted = acts[:, :, lo:width] * dec_norm[:, None, lo:width]
@@ -483,32 +490,35 @@ class StackedSAEs(torch.nn.Module):
             total = total + self.betas[:, m] * level
             start = width
         if self.topk and dead is not None:
-            total = total + self.auxk_loss(x, recon, hidden_pre, dead, decoder)
+            total = total + self.auxk_loss(error.detach(), hidden_pre, dead, decoder)
         return total, acts
 
-    def reconstruction_loss(self, recon: torch.Tensor, x: torch.Tensor, step: int) -> torch.Tensor:
-        squared = (recon - x).pow(2).sum(dim=-1)
-        if self.loss_kind == "l2" or (self.loss_kind == "snap" and step >= (self.snap_step or 0)):
-            return squared.clamp_min(1e-12).sqrt().mean(dim=1)
-        return squared.mean(dim=1)
+    def reconstruction_loss(self, error: torch.Tensor, step: int) -> torch.Tensor:
+        """Each SAE's batch-mean reconstruction loss [S] from its errors x - recon [S, B, d]
+        (``hedging_utils.variants.reconstruction_loss``)."""
+        norms = torch.linalg.vector_norm(error, dim=-1)
+        l2 = [kind == "l2" or (kind == "snap" and step >= (snap or 0)) for kind, snap in zip(self.loss_kinds, self.snap_steps)]
+        if not any(l2):
+            return norms.pow(2).mean(dim=1)
+        l2_loss = norms.clamp_min(1e-6).mean(dim=1)
+        if all(l2):
+            return l2_loss
+        return torch.where(torch.tensor(l2, device=error.device), l2_loss, norms.pow(2).mean(dim=1))
 
-    def auxk_loss(
-        self, x: torch.Tensor, sae_out: torch.Tensor, hidden_pre: torch.Tensor, dead: torch.Tensor, decoder: torch.Tensor
-    ) -> torch.Tensor:
+    def auxk_loss(self, residual: torch.Tensor, hidden_pre: torch.Tensor, dead: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
         """SAELens' TopK auxiliary loss, per SAE: the top k_aux dead latents of each input
-        reconstruct the live latents' residual (k_aux = d_in / 2, scaled down if fewer are dead)."""
+        reconstruct the live latents' residual x - recon (k_aux = d_in / 2, scaled down if fewer are dead)."""
         num_dead = dead.sum(dim=1)
         most = int(num_dead.max())
         if most == 0:
-            return x.new_zeros(x.shape[0])
-        k_aux = x.shape[-1] // 2
+            return residual.new_zeros(residual.shape[0])
+        k_aux = residual.shape[-1] // 2
         scale = (num_dead / k_aux).clamp(max=1.0)
         top = torch.where(dead[:, None, :], hidden_pre, -torch.inf).topk(min(k_aux, most), dim=-1)
         keep = torch.arange(top.values.shape[-1]) < torch.clamp(num_dead, max=k_aux)[:, None]
         values = torch.where(keep[:, None, :], top.values, 0.0)
         aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        residual = (x - sae_out).detach()
-        error = (torch.bmm(aux_acts, decoder) - residual).pow(2).sum(dim=-1).mean(dim=1)
+        error = torch.linalg.vector_norm(torch.baddbmm(residual, aux_acts, decoder, alpha=-1.0), dim=-1).pow(2).mean(dim=1)
         coefficient = float(getattr(self.saes[0].cfg, "aux_loss_coefficient", 1.0))
         return coefficient * scale * error
 
@@ -538,14 +548,22 @@ class StackedSAEs(torch.nn.Module):
         return out
 
 
-def batch_topk(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
+def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Tensor:
     """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
     each SAE's batch [B, d_sae] and zero the rest (found with a k-th value threshold, which is
-    faster than ``topk`` and selects the same entries unless values tie)."""
+    faster than ``topk`` and selects the same entries unless values tie). ``k``: one for every
+    SAE, or one per SAE."""
     acts = hidden_pre.relu()
     flat = acts.flatten(1)
+    ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(flat)
     with torch.no_grad():
-        threshold = flat.kthvalue(flat.shape[1] - int(k * acts.shape[1]) + 1, dim=1).values
+        if len(set(ks)) == 1:
+            threshold = flat.kthvalue(flat.shape[1] - int(ks[0] * acts.shape[1]) + 1, dim=1).values
+        else:
+            threshold = flat.new_empty(len(flat))
+            for value in set(ks):
+                rows = torch.tensor([i for i, v in enumerate(ks) if v == value])
+                threshold[rows] = flat[rows].kthvalue(flat.shape[1] - int(value * acts.shape[1]) + 1, dim=1).values
     return torch.where(flat >= threshold[:, None], flat, 0.0).view_as(acts)
 
 
@@ -574,6 +592,21 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
         bar.update()
     bar.close()
     return model.unstack()
+
+
+STACK_BYTES = 16 * 2**20
+"""A stack holds at most as many SAEs as keep one [SAEs, batch, max(d_in, d_sae)] float32 tensor
+within this size (at least one). Past it the per-level tensors of a step leave the CPU's caches
+and a step costs more per SAE: on 2 cores, 26 matryoshka BatchTopK SAEs (640 -> 512, batches of
+1,024) take about 95 ms per SAE and step in one stack, 52 ms in stacks of 6. Toy stacks fit whole."""
+
+
+def _stack_chunks(names: Sequence[Any], jobs: Mapping[Any, Job], settings: TrainSettings) -> list[list[Any]]:
+    """``names`` (one stackable group) cut into consecutive stacks within ``STACK_BYTES``."""
+    sae = jobs[names[0]].sae
+    per_sae = settings.batch_size * max(sae.cfg.d_in, max(jobs[n].sae.cfg.d_sae for n in names)) * 4
+    size = max(1, STACK_BYTES // per_sae)
+    return [list(names[i:i + size]) for i in range(0, len(names), size)]
 
 
 def _stacked_batches(jobs: Sequence[Job]) -> Iterator[torch.Tensor]:
@@ -608,10 +641,11 @@ def _clip_per_sae(params: Sequence[torch.Tensor], max_norm: float) -> None:
 
 
 def _group_key(job: Job) -> str:
-    """SAEs with the same key train as one stack: same class, same config but coefficients and,
-    for single-level SAEs, width."""
+    """SAEs with the same key train as one stack: same class, same config but coefficients, K,
+    reconstruction loss and, for single-level SAEs, width."""
     cfg = _cfg_key(job.sae)
-    numeric = ["l1_coefficient", "l1_floor", "level_coefficients", "coefficient_multiplier"]
+    numeric = ["l1_coefficient", "l1_floor", "level_coefficients", "coefficient_multiplier", "k", "reconstruction_loss",
+               "snap_step"]
     if _single_level(job.sae):
         numeric += ["d_sae", "matryoshka_widths"]
     for name in numeric:

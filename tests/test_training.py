@@ -28,7 +28,18 @@ SWEEPS = {
     "batchtopk with AuxK": (TWENTY, 16, dict(architecture="batchtopk", k=3, init="random"), [{}, {}]),
     "balance matryoshka batchtopk": (TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", k=3, init="random",
                                                       matryoshka_widths=[4, 8], coefficient_multiplier=0.5), [{}, {}]),
+    "balance matryoshka batchtopk, mixed K and losses": (
+        TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", init="random", matryoshka_widths=[4, 8]),
+        [dict(k=2, coefficient_multiplier=0.0), dict(k=3, coefficient_multiplier=1.0, reconstruction_loss="l2"),
+         dict(k=4, coefficient_multiplier=0.5, reconstruction_loss="snap", snap_step=40)]),
 }
+
+
+def test_saes_that_differ_in_k_and_loss_share_one_stack():
+    from hedging_utils.training import _group_key
+    toy, width, common, variants = SWEEPS["balance matryoshka batchtopk, mixed K and losses"]
+    keys = {_group_key(toy_job(toy, width, batch_size=200, seed=i, **common, **v)) for i, v in enumerate(variants)}
+    assert len(keys) == 1
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -110,3 +121,16 @@ def test_batchtopk_saes_of_different_widths_share_a_padded_stack():
         reference = train_with_sae_lens(job, settings)
         assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], reference) < 1e-4
         assert float(stacked[w].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=1e-4)
+
+
+def test_a_sweep_too_big_for_one_stack_is_cut_into_stacks_that_train_the_same(monkeypatch):
+    from hedging_utils import training
+    toy, width, common, variants = SWEEPS["balance matryoshka batchtopk, mixed K and losses"]
+    jobs = {i: toy_job(toy, width, batch_size=200, seed=i, **common, **v) for i, v in enumerate(variants)}
+    settings = TrainSettings(steps=30, batch_size=200, dead_feature_window=5)
+    whole = train_together(jobs, settings, progress=False)
+    monkeypatch.setattr(training, "STACK_BYTES", 200 * 24 * 4 * 2)  # two SAEs of [200, max(24, 16)] per stack
+    assert [len(c) for c in training._stack_chunks(list(jobs), jobs, settings)] == [2, 1]
+    cut = train_together(jobs, settings, progress=False)
+    for i in jobs:
+        assert _max_difference(whole[i], cut[i]) < 1e-5
