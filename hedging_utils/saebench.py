@@ -35,6 +35,7 @@ import random
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -58,7 +59,7 @@ K_SPARSE_PROBE_L1_DECAY = 0.01
 LETTER_PROBE_LR = 1e-2
 MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
 HUB_EVALS = ("sparse_probing", "scr", "tpp")
-FORMAT = 1
+FORMAT = 2  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order)
 
 
 def not_run(reason: str) -> str:
@@ -121,8 +122,9 @@ def python_seeded(seed: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """How SAEBench's functions are called here: without its prints and progress bars (at every
-    step; they would flood a notebook), restoring torch's grad mode after (SAEBench switches it
+    """How SAEBench's functions are called here: without its prints, progress bars and the
+    warnings scikit-learn raises inside it (an F1 of a probe that never fires; its deprecated
+    ``penalty`` argument), at every step, as they would flood a notebook; restoring torch's grad mode after (SAEBench switches it
     globally), and with jaxtyping's shape checks off: with the installed
     jaxtyping, a shape name bound by an outer SAEBench function (``train_probe_on_activations``'s
     ``train_dataset_size``, the size of one class) is enforced on the inner one it calls
@@ -144,7 +146,9 @@ def _quiet() -> Iterator[None]:
     jaxtyping.config.update("jaxtyping_disable", True)
     grad = torch.is_grad_enabled()
     try:
-        with redirect_stdout(io.StringIO()):
+        with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")  # UndefinedMetricWarning
             yield
     finally:
         torch.set_grad_enabled(grad)
@@ -299,7 +303,7 @@ def _build_letter_probes(model: Any, layer: int, settings: SAEBenchScale, tmp: P
     with torch.no_grad():
         scores = probe(test_acts)
     answers = np.array([label for _, label in test_data])
-    probe_f1 = {letter: float(metrics.f1_score(answers == i, scores[:, i].numpy() > 0)) for i, letter in enumerate(LETTERS)}
+    probe_f1 = {letter: float(metrics.f1_score(answers == i, scores[:, i].numpy() > 0, zero_division=0.0)) for i, letter in enumerate(LETTERS)}
     # The absorption prompts: SAEBench's FeatureAbsorptionCalculator builds, letter by letter, an
     # ICL prompt for each test word of that letter the probe fires on; with Python's RNG seeded
     # as in absorption_metrics these are the prompts every SAE's run will ask for.
@@ -394,9 +398,13 @@ def _absorption_calculator(model: Any, vocab: list[str]):
 
 @functools.lru_cache(maxsize=2)
 def _alpha_tokens(tokenizer: Any) -> list[str]:
+    """SAEBench's alphabetic vocabulary, sorted. SAEBench lists it in the order of
+    ``tokenizer.vocab``, which a fast tokenizer builds from a hash map and so changes from one
+    process to the next; the vocabulary subsample and every ICL prompt (drawn from this list
+    with a seeded RNG) would then change too, and the cached absorption prompts would never match."""
     from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
-    return get_alpha_tokens(tokenizer)
+    return sorted(get_alpha_tokens(tokenizer))
 
 
 def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, probes: LetterProbes) -> dict[str, Any]:
@@ -680,7 +688,7 @@ def pos_probing_metrics(sae: SAE[Any], data: PosDataset) -> dict[str, Any]:
                 probe_training.apply_topk_mask_reduce_dim(train_x, mask), train_y,
                 probe_training.apply_topk_mask_reduce_dim(test_x, mask), test_y)
         predicted = probe.predict(test_x[:, ~mask].numpy())
-        f1 = float(f1_score(test_y.numpy(), predicted))
+        f1 = float(f1_score(test_y.numpy(), predicted, zero_division=0.0))
         out.update({f"pos_{tag}_f1": f1, f"pos_{tag}_accuracy": float(accuracy), f"pos_{tag}_latent": int(torch.nonzero(~mask)[0])})
         f1s.append(f1)
         accs.append(float(accuracy))

@@ -163,3 +163,16 @@ def test_bad_inputs_name_the_parameter(model):
         saebench.evaluate_sae(narrow, model, LAYER, SETTINGS)
     with pytest.raises(ParameterError, match=r"sae=str is not a SAELens SAE"):
         saebench.evaluate_sae("sae", model, LAYER, SETTINGS)
+
+
+def test_the_alphabetic_vocabulary_is_the_same_in_every_process():
+    """SAEBench lists it in the order of ``tokenizer.vocab``, a hash map's order that changes from
+    one process to the next; the vocabulary subsample and the ICL prompts whose residuals the letter
+    probes cache are drawn from it, so a later process would find none of its prompts cached."""
+    import subprocess
+    import sys
+    code = ("import hashlib; from hedging_utils import llm, saebench; "
+            "print(hashlib.sha256(chr(10).join(saebench._alpha_tokens(llm.load_offline_tokenizer())).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+               for _ in range(2)}
+    assert len(digests) == 1
