@@ -8,6 +8,9 @@ Modules, one concept each:
 - ``theory``: exact loss curves of a tied latent and the MSE-optimal (OLS) decoder of appendix A.4;
 - ``variants``: balance matryoshka (L1, BatchTopK) and MSE / L2 / snap losses as SAELens architectures;
 - ``extension``: extending an SAE by N latents, control vs extended on identical batches, growing SAEs;
+- ``llm``: a language model's activations (offline Gemma 3 270M or the paper's models), and SAEs trained on them;
+- ``saebench``: SAEBench's absorption (and its probing, SCR and TPP where their data are reachable) and
+  part-of-speech probing, offline on the project's model;
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
 - ``figures``: saving figures with their data and manifest entries, and running the notebooks;

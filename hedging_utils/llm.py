@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from sae_lens.saes.sae import TrainingSAE
 from hedging_utils.cache import cache_root, settings_key
 from hedging_utils.extension import ExtensionPair, GrowthStep, control_and_extended, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
-from hedging_utils.profiles import LLMModel, LLMScale, ParameterError, check_positive_int
+from hedging_utils.profiles import LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
@@ -634,12 +634,41 @@ def train_llm_sae(
     ``sae_cfg`` goes to its config, e.g. ``k`` or ``l1_coefficient``) on the first
     ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)``.
     Cached on disk under every setting (``data/cache/llm_saes``), so reruns load it."""
-    check_positive_int("d_sae", d_sae)
-    with seeded(seed):
-        sae = make_sae(source.d_model, d_sae, architecture, **sae_cfg)
-    stream = source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)
-    job = Job(sae, stream, stream.key(), init={"seed": seed}, label=label or f"{architecture} width {d_sae}")
-    return train_saes({"sae": job}, settings, kind="llm_saes")["sae"]
+    spec = LLMSAESpec(d_sae, architecture, seed, stream_seed, sae_cfg, label)
+    return train_llm_saes(source, {"sae": spec}, settings, window_bytes=window_bytes)["sae"]
+
+
+@dataclass(frozen=True)
+class LLMSAESpec:
+    """A fresh SAE for ``train_llm_saes``: its width, SAELens architecture and config, the seed
+    of its initialisation and the seed of its data stream (the order of the batches)."""
+
+    d_sae: int
+    architecture: str = "standard"
+    seed: int = 0
+    stream_seed: int = 0
+    cfg: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
+def train_llm_saes(
+    source: ActivationSource, specs: Mapping[Any, LLMSAESpec], settings: TrainSettings, *,
+    window_bytes: int | None = None, progress: bool = True,
+) -> dict[Any, TrainingSAE[Any]]:
+    """Train the fresh SAEs of ``specs`` on ``source`` (each on the first ``settings.steps``
+    batches of its stream), a sweep at a time: SAEs of one shape train together as one stacked
+    computation (``hedging_utils.training.train_saes``), those of one stream seed on the same
+    batches. Each is cached on its own (``data/cache/llm_saes``), as ``train_llm_sae`` caches
+    it, so reruns load it and an interrupted sweep resumes."""
+    jobs = {}
+    for name, spec in specs.items():
+        check_positive_int("d_sae", spec.d_sae)
+        with seeded(spec.seed):
+            sae = make_sae(source.d_model, spec.d_sae, spec.architecture, **spec.cfg)
+        stream = source.stream(settings.batch_size, spec.stream_seed, window_bytes=window_bytes)
+        jobs[name] = Job(sae, stream, stream.key(), init={"seed": spec.seed},
+                         label=spec.label or f"{spec.architecture} width {spec.d_sae}")
+    return train_saes(jobs, settings, kind="llm_saes", progress=progress)
 
 
 @dataclass(frozen=True)
@@ -672,6 +701,38 @@ class SAERecipe:
         """The base SAE of ``measure_hedging`` with this recipe (the same cache entry)."""
         return train_llm_sae(source, width, self.base_settings(scale), architecture=self.architecture, seed=seed,
                              stream_seed=seed, label=f"{self.architecture} width {width} seed {seed}", **self.cfg)
+
+
+@dataclass(frozen=True)
+class MatryoshkaVariant:
+    """One of notebook 06's LLM SAEs: a balance matryoshka BatchTopK SAE (``variants``) at the
+    levels of a ``MatryoshkaLLMScale``, with balance ``multiplier`` (0: a standard BatchTopK SAE,
+    whose loss is the outer level's alone; 1: a standard matryoshka SAE), ``loss`` ("mse",
+    "l2" or "snap", on every level) and BatchTopK ``k``."""
+
+    multiplier: float
+    loss: str = "mse"
+    k: int = 40
+
+    @property
+    def name(self) -> str:
+        kind = "BatchTopK" if self.multiplier == 0 else ("matryoshka" if self.multiplier == 1 else f"balance x{self.multiplier:g}")
+        return f"{kind} {self.loss.upper() if self.loss != 'snap' else 'snap'}"
+
+    def spec(self, scale: MatryoshkaLLMScale, steps: int, seed: int) -> LLMSAESpec:
+        """The SAE at ``scale``'s width and levels, initialised with ``seed`` and trained on
+        stream ``seed``; snap loss switches to L2 after ``scale.snap_fraction`` of ``steps``."""
+        cfg: dict[str, Any] = {"k": self.k, "matryoshka_widths": scale.levels, "coefficient_multiplier": float(self.multiplier),
+                               "reconstruction_loss": self.loss}
+        if self.loss == "snap":
+            cfg["snap_step"] = int(scale.snap_fraction * steps)
+        return LLMSAESpec(scale.width, "balance_matryoshka_batchtopk", seed, seed, cfg,
+                          label=f"{self.name} k {self.k} seed {seed}")
+
+
+def matryoshka_settings(scale: MatryoshkaLLMScale, batch_size: int, dead_feature_window: int) -> TrainSettings:
+    """Notebook 06's training settings: ``scale.tokens`` in batches of ``batch_size`` at ``scale.lr``."""
+    return TrainSettings.for_samples(scale.tokens, batch_size, lr=scale.lr, dead_feature_window=dead_feature_window)
 
 
 def stream_key(source: ActivationSource, batch_size: int, stream_seed: int, *, window_bytes: int | None = None) -> dict[str, Any]:

@@ -202,3 +202,93 @@ def bias_changes(
                      "random_walk_norm": float(walk_norms.mean()), "random_walk_std": float(walk_norms.std())})
         previous_delta = delta
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstruction, and comparing SAE families over a setting (notebook 06)
+
+
+def reconstruction_table(saes: Mapping[Any, Any], activations: Any, *, batch_size: int = 4096) -> pd.DataFrame:
+    """One row per SAE (any SAELens SAE, keyed by a name) on ``activations`` (inputs [n, d] in
+    the units the SAE was trained on): its L0, the variance it explains
+    (1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2), its MSE (mean squared error norm per
+    input) and the share of its latents that fire."""
+    x = torch.as_tensor(activations).float()
+    total_variance = float((x - x.mean(0)).pow(2).sum())
+    rows = []
+    for name, sae in saes.items():
+        l0, squared_error, fired = 0.0, 0.0, torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool)
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                chunk = x[i:i + batch_size]
+                acts = sae.encode(chunk)
+                squared_error += float((sae.decode(acts) - chunk).pow(2).sum())
+                l0 += float((acts > 0).sum())
+                fired |= (acts > 0).any(0)
+        rows.append({"sae": name, "width": int(sae.cfg.d_sae), "l0": l0 / len(x),
+                     "variance_explained": 1 - squared_error / total_variance, "mse": squared_error / len(x),
+                     "alive_fraction": float(fired.float().mean())})
+    return pd.DataFrame(rows)
+
+
+def numeric_values(values: pd.Series) -> pd.Series:
+    """``values`` as floats, NaN where a metric could not run (a "not run: ..." string)."""
+    return pd.to_numeric(values, errors="coerce")
+
+
+def interior_optimum(frame: pd.DataFrame, x: str, metric: str, *, higher_is_better: bool) -> dict[str, Any]:
+    """Whether an intermediate value of ``x`` beats both ends on ``metric`` (paper §5: a balance
+    multiplier between 0 and 1 against the standard and the matryoshka SAE).
+
+    ``frame`` has one row per SAE (seeds as repeated rows). Means and standard deviations over
+    the rows of each ``x``; ``best_x`` is the interior ``x`` with the best mean. ``beats_both_ends``:
+    its mean is better than both end means; ``margin``: how much better than the closer end;
+    ``noise``: the largest standard deviation over seeds among the three (0 with one seed);
+    ``separated``: ``beats_both_ends`` and ``margin`` above ``noise``. With no numeric value
+    (a metric that did not run) or fewer than three values of ``x``, ``status`` says why and
+    the verdicts are None."""
+    values = numeric_values(frame[metric])
+    stats = values.groupby(frame[x]).agg(["mean", "std", "count"]).dropna(subset=["mean"]).sort_index()
+    out: dict[str, Any] = {"metric": metric, "higher_is_better": higher_is_better, "means": stats["mean"].to_dict(),
+                           "best_x": None, "beats_both_ends": None, "margin": None, "noise": None, "separated": None}
+    if len(stats) < 3:
+        out["status"] = (f"not run: {metric} has no value" if stats.empty else
+                         f"not run: {metric} has values at {len(stats)} values of {x}; need 3")
+        return out
+    sign = 1.0 if higher_is_better else -1.0
+    interior = stats.iloc[1:-1]
+    best = (sign * interior["mean"]).idxmax()
+    ends = [stats.index[0], stats.index[-1]]
+    margin = min(sign * (stats.loc[best, "mean"] - stats.loc[e, "mean"]) for e in ends)
+    noise = float(stats.loc[[best, *ends], "std"].fillna(0.0).max())
+    out.update(status="ok", best_x=float(best), beats_both_ends=bool(margin > 0), margin=float(margin), noise=noise,
+               separated=bool(margin > noise))
+    return out
+
+
+def summarise(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean, standard deviation and count over the rows (seeds) of each group of ``by``, per
+    metric, in one tidy table (columns ``*by, metric, mean, std, n``). Entries that are not
+    numbers ("not run: ...") are left out; a metric with none gets no rows."""
+    parts = []
+    for metric in metrics:
+        values = numeric_values(frame[metric])
+        stats = values.groupby([frame[b] for b in by]).agg(["mean", "std", "count"]).dropna(subset=["mean"])
+        parts.append(stats.rename(columns={"count": "n"}).reset_index().assign(metric=metric))
+    if not parts:
+        return pd.DataFrame(columns=[*by, "metric", "mean", "std", "n"])
+    return pd.concat(parts, ignore_index=True)[[*by, "metric", "mean", "std", "n"]]
+
+
+def pareto_gap(frame: pd.DataFrame, x: str, y: str, by: str, reference: Any) -> pd.DataFrame:
+    """How far each curve of ``frame`` (one per value of ``by``; points (``x``, ``y``), e.g. L0 and
+    variance explained, averaged over repeated rows at equal ``x``) lies from the ``reference``
+    curve at the same ``x``: ``gap`` = y - the reference's y linearly interpolated at x, NaN where
+    x lies outside the reference's range. The reference's own points are left out."""
+    curves = frame.groupby([by, x], as_index=False)[y].mean()
+    ref = curves[curves[by] == reference].sort_values(x)
+    rows = curves[curves[by] != reference].copy()
+    inside = rows[x].between(ref[x].min(), ref[x].max())
+    rows["reference_y"] = np.where(inside, np.interp(rows[x], ref[x], ref[y]), np.nan)
+    rows["gap"] = rows[y] - rows["reference_y"]
+    return rows.reset_index(drop=True)

@@ -14,7 +14,7 @@ columns ``setting, n_latents, vector, latent, feature, cos_sim, projection``:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -135,6 +135,63 @@ def latent_for_feature(frame: pd.DataFrame, setting: str, feature: int) -> int:
     not track feature i)."""
     sub = frame[(frame["setting"] == setting) & (frame["vector"] == "decoder") & (frame["feature"] == feature)]
     return int(sub.loc[sub["cos_sim"].idxmax(), "latent"])
+
+
+# ---------------------------------------------------------------------------------------
+# Metric panels over a sweep (notebook 06)
+
+
+def metric_panels(
+    frame: pd.DataFrame, x: str, metrics: Mapping[str, str], *, hue: str | None = None, ncols: int = 3,
+    xlabel: str | None = None, panel_size: tuple[float, float] = (4.2, 3.2),
+) -> Figure:
+    """One panel per metric (column -> title) of a tidy frame with one row per SAE: the mean
+    over its rows (seeds) at each ``x``, with a ±1 std band (error bars for a single line), one
+    line per ``hue`` value. A metric with no numeric value (every entry "not run: ...") gets a
+    panel that says so with the reason, never a blank or a made-up value."""
+    names = list(metrics)
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
+    groups = [(None, frame)] if hue is None else list(frame.groupby(hue, sort=False))
+    for ax, metric in zip(axes.flat, names):
+        values = pd.to_numeric(frame[metric], errors="coerce")
+        ax.set_title(metrics[metric], fontsize=10)
+        if values.isna().all():
+            reason = next((v for v in frame[metric] if isinstance(v, str)), "not run: no value")
+            ax.text(0.5, 0.5, "\n".join(_wrap(str(reason), 38)), ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for label, part in groups:
+            stats = pd.to_numeric(part[metric], errors="coerce").groupby(part[x]).agg(["mean", "std"]).sort_index()
+            std = stats["std"].fillna(0.0)
+            if hue is None:
+                ax.errorbar(stats.index, stats["mean"], yerr=std, fmt="o-", capsize=3)
+            else:
+                line, = ax.plot(stats.index, stats["mean"], "o-", label=str(label))
+                ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(xlabel or x)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if hue is not None:
+        handles, labels = next(iter(axes.flat)).get_legend_handles_labels()
+        for ax in axes.flat:
+            if not handles:
+                handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.05 if hue is not None else 0, 1, 1))
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
 
 
 # ---------------------------------------------------------------------------------------

@@ -167,6 +167,77 @@ CI_SAEBENCH = SAEBenchScale(vocab_size=208, letter_probe_epochs=10, k_sparse_pro
 
 
 @dataclass(frozen=True)
+class MatryoshkaLLMScale:
+    """The numbers of notebook 06's LLM SAEs: balance matryoshka BatchTopK (paper Figures 9
+    and 21) and the post's loss comparison (LW-saebench, LW-snap-llm). They train on the
+    activations of ``LLMScale``'s first model and layer, at its batch size.
+
+    Attributes:
+        width: the SAE width (the paper's 32,768).
+        level_divisors: the inner matryoshka levels are ``width // d`` for each ``d`` (the
+            paper's 256, 64, 16, 4: levels 128, 512, 2,048, 8,192 and 32,768;
+            ``experiments/train_btk_balanced_4x_matryoshka_saes.py``).
+        k: BatchTopK K of the multiplier sweep (the paper's 40).
+        multipliers: the balance multipliers; beta of level m is multiplier^(levels - m), so 0
+            is a standard BatchTopK SAE and 1 a standard matryoshka SAE.
+        seeds: seeds per multiplier (the paper's 10).
+        tokens: training tokens of every SAE (the paper's 500M).
+        lr: Adam's learning rate, constant (the authors' 1e-4).
+        loss_k_values: the K (so the L0) of the loss comparison (the post's 20, 40, 60, 80).
+        loss_seeds: seeds per loss-comparison SAE (the post's 5).
+        snap_fraction: snap loss switches from MSE to L2 after this share of the training steps
+            (the post does not say; notebook 02's choice).
+    """
+
+    width: int
+    level_divisors: tuple[int, ...]
+    k: int
+    multipliers: tuple[float, ...]
+    seeds: int
+    tokens: int
+    lr: float
+    loss_k_values: tuple[int, ...]
+    loss_seeds: int
+    snap_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        levels = self.levels
+        if levels[0] < 1 or any(b <= a for a, b in zip(levels, levels[1:])):
+            raise ParameterError(f"width={self.width} gives matryoshka levels {levels} with level divisors "
+                                 f"{list(self.level_divisors)}; they must be positive and strictly increasing: "
+                                 f"use a width of at least {max(self.level_divisors, default=1)}.")
+        if not 0 < self.k < self.width:
+            raise ParameterError(f"k={self.k} must lie between 0 and the width {self.width}.")
+        if any(not 0 < k < self.width for k in self.loss_k_values):
+            raise ParameterError(f"loss_k_values={list(self.loss_k_values)} must lie between 0 and the width {self.width}.")
+        if 0.0 not in self.multipliers or 1.0 not in self.multipliers or any(m < 0 for m in self.multipliers):
+            raise ParameterError(f"multipliers={list(self.multipliers)} must be >= 0 and include 0 (a standard SAE) and "
+                                 "1 (a matryoshka SAE), the ends the paper compares against.")
+        if not 0 < self.snap_fraction < 1:
+            raise ParameterError(f"snap_fraction={self.snap_fraction} must lie strictly between 0 and 1.")
+
+    @property
+    def levels(self) -> list[int]:
+        return [self.width // d for d in self.level_divisors] + [self.width]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "levels": self.levels}
+
+
+PAPER_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=32_768, level_divisors=(256, 64, 16, 4), k=40,
+                                          multipliers=(0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0), seeds=10,
+                                          tokens=500_000_000, lr=1e-4, loss_k_values=(20, 40, 60, 80), loss_seeds=5)
+# Width 512 (levels 2, 8, 32, 128, 512) and one pass over the cached tokens: 26 SAEs train in about
+# 7 minutes on 2 cores (a stacked step costs about 52 ms per SAE, much of it the memory traffic of
+# the five levels' errors), where width 1,024 or two passes would about double it.
+SMALL_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=512, level_divisors=(256, 64, 16, 4), k=40,
+                                          multipliers=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=2,
+                                          tokens=327_680, lr=1e-3, loss_k_values=(20, 40, 80), loss_seeds=1)
+CI_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=64, level_divisors=(16, 4), k=8, multipliers=(0.0, 0.5, 1.0), seeds=1,
+                                       tokens=4096, lr=1e-3, loss_k_values=(8,), loss_seeds=1)
+
+
+@dataclass(frozen=True)
 class Profile:
     """The numbers a profile sets.
 
@@ -187,6 +258,7 @@ class Profile:
         seeds: seeds of the hedging-degree toy (P15; the authors' 4).
         llm: the numbers of the LLM figures.
         saebench: the numbers of the SAEBench evaluation.
+        matryoshka_llm: the numbers of notebook 06's LLM SAEs.
     """
 
     name: str
@@ -201,6 +273,7 @@ class Profile:
     seeds: int
     llm: LLMScale = field(repr=False, default=None)  # type: ignore[assignment]
     saebench: SAEBenchScale = field(repr=False, default=None)  # type: ignore[assignment]
+    matryoshka_llm: MatryoshkaLLMScale = field(repr=False, default=None)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,7 +330,8 @@ AUTHORS_TOY_STEPS = -(-100_000_000 // 4096)
 PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_steps=400, toy_batch_size=500, balance_steps=400, balance_batch_size=128,
                   hedging_toy_steps=200, growing_group_samples=51_200, growing_total_samples=512_000,
-                  sweep_points=3, seeds=1, llm=CI_LLM, saebench=CI_SAEBENCH),
+                  sweep_points=3, seeds=1, llm=CI_LLM, saebench=CI_SAEBENCH,
+                  matryoshka_llm=CI_MATRYOSHKA_LLM),
     # Toy SAEs at the authors' step counts and batch sizes (trained together, see
     # hedging_utils.training); P15 (8,192 + 8,192 steps, 2 seeds), the growing toy and the sweeps
     # are cut so that every notebook together runs within an hour on 2 CPU cores (the authors':
@@ -265,11 +339,13 @@ PROFILES: dict[str, Profile] = {
     "small": Profile(name="small", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
                      hedging_toy_steps=8_192, growing_group_samples=512_000, growing_total_samples=7_680_000,
-                     sweep_points=7, seeds=2, llm=SMALL_LLM, saebench=SMALL_SAEBENCH),
+                     sweep_points=7, seeds=2, llm=SMALL_LLM, saebench=SMALL_SAEBENCH,
+                     matryoshka_llm=SMALL_MATRYOSHKA_LLM),
     "paper": Profile(name="paper", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
                      hedging_toy_steps=AUTHORS_TOY_STEPS, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
-                     sweep_points=11, seeds=4, llm=PAPER_LLM, saebench=PAPER_SAEBENCH),
+                     sweep_points=11, seeds=4, llm=PAPER_LLM, saebench=PAPER_SAEBENCH,
+                     matryoshka_llm=PAPER_MATRYOSHKA_LLM),
 }
 
 

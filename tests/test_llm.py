@@ -197,6 +197,22 @@ def test_recipe_base_sae_is_measure_hedgings_base(model, tiny_corpus):
         llm.SAERecipe.at_scale(scale, scale.models[0], "jumprelu")
 
 
+def test_llm_saes_train_as_a_sweep_and_share_cache_entries_with_train_llm_sae(model, tiny_corpus):
+    source = _cache(model, tiny_corpus)[2]
+    scale = dataclasses.replace(PROFILES["ci"].matryoshka_llm, width=16, level_divisors=(4,), k=4)
+    settings = llm.matryoshka_settings(dataclasses.replace(scale, tokens=96), batch_size=32, dead_feature_window=2)
+    variants = [llm.MatryoshkaVariant(m, loss, 4) for m, loss in [(0.0, "mse"), (0.5, "mse"), (1.0, "snap")]]
+    specs = {(v, s): v.spec(scale, settings.steps, s) for v in variants for s in (0, 1)}
+    assert specs[(variants[2], 0)].cfg["snap_step"] == settings.steps // 2
+    assert specs[(variants[1], 1)].cfg["matryoshka_widths"] == [4, 16] and specs[(variants[1], 1)].stream_seed == 1
+    together = llm.train_llm_saes(source, specs, settings, progress=False)
+    alone = llm.train_llm_sae(source, 16, settings, architecture="balance_matryoshka_batchtopk", seed=1, stream_seed=1,
+                              **specs[(variants[1], 1)].cfg)  # the same cache entry
+    assert torch.equal(alone.W_dec, together[(variants[1], 1)].W_dec)
+    assert not torch.equal(together[(variants[0], 0)].W_dec, together[(variants[1], 0)].W_dec)
+    assert [v.name for v in variants] == ["BatchTopK MSE", "balance x0.5 MSE", "matryoshka snap"]
+
+
 def test_pretrained_ids_come_from_sae_lens_registry_sorted_by_width_and_l0():
     ids = llm.pretrained_sae_ids("gemma-scope-2b-pt-res", "layer_12/")
     assert ids[0] == "layer_12/width_16k/average_l0_22" and ids[-1].startswith("layer_12/width_1m/")

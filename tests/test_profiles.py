@@ -51,3 +51,19 @@ def test_figures_dir_keeps_small_figures_separate(monkeypatch):
     monkeypatch.delenv("HEDGING_FIGURES_DIR")
     assert figures_dir(PROFILES["small"]).name == "figures"
     assert figures_dir(PROFILES["ci"]).parts[-2:] == ("figures", "ci")
+
+
+def test_matryoshka_llm_scale_checks_levels_k_and_multipliers():
+    import dataclasses
+    from hedging_utils.profiles import PROFILES
+    paper = PROFILES["paper"].matryoshka_llm
+    assert paper.levels == [128, 512, 2048, 8192, 32768]  # the authors' experiments/train_btk_balanced_4x_matryoshka_saes.py
+    for profile in PROFILES.values():
+        levels = profile.matryoshka_llm.levels
+        assert levels[-1] == profile.matryoshka_llm.width and levels == sorted(set(levels))
+    with pytest.raises(ParameterError, match="width=100 .*at least 256"):
+        dataclasses.replace(paper, width=100)
+    with pytest.raises(ParameterError, match="multipliers=.*include 0"):
+        dataclasses.replace(paper, multipliers=(0.25, 0.5, 1.0))
+    with pytest.raises(ParameterError, match="k=0"):
+        dataclasses.replace(paper, k=0)
