@@ -45,3 +45,18 @@ def _run_expecting_error(notebook, parameters, tmp_path):
         pm.execute_notebook(str(notebook), str(tmp_path / notebook.name), parameters=parameters,
                             kernel_name="python3", progress_bar=False, cwd=str(notebook.parent))
     return info
+
+
+SAEBENCH_NOTEBOOK = next(nb for nb in NOTEBOOKS if nb.name.startswith("06_"))
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ({"profile": "ci", "multipliers": [0.25, 1.0]}, "include 0 (a standard SAE) and 1"),
+    ({"profile": "ci", "width": 8}, "width=8 gives matryoshka levels"),
+    ({"profile": "ci", "loss_k_values": [0]}, "loss_k_values[0]=0"),
+])
+def test_bad_matryoshka_setting_stops_before_any_compute(parameters, message, tmp_path):
+    info = _run_expecting_error(SAEBENCH_NOTEBOOK, parameters, tmp_path)
+    assert "ParameterError" in info.value.ename
+    assert message in info.value.evalue
+    assert not (tmp_path / "cache").exists()
