@@ -24,6 +24,8 @@ import seaborn as sns
 import torch
 from sae_lens.synthetic import find_best_feature_ordering
 
+from hedging_utils.metrics import numeric_values
+
 HEATMAP_COLUMNS = ["setting", "n_latents", "vector", "latent", "feature", "cos_sim", "projection", "sae_latent"]
 
 
@@ -154,7 +156,7 @@ def metric_panels(
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
     groups = [(None, frame)] if hue is None else list(frame.groupby(hue, sort=False))
     for ax, metric in zip(axes.flat, names):
-        values = pd.to_numeric(frame[metric], errors="coerce")
+        values = numeric_values(frame[metric])
         ax.set_title(metrics[metric], fontsize=10)
         if values.isna().all():
             reason = next((v for v in frame[metric] if isinstance(v, str)), "not run: no value")
@@ -163,7 +165,7 @@ def metric_panels(
             ax.set_yticks([])
             continue
         for label, part in groups:
-            stats = pd.to_numeric(part[metric], errors="coerce").groupby(part[x]).agg(["mean", "std"]).sort_index()
+            stats = numeric_values(part[metric]).groupby(part[x]).agg(["mean", "std"]).sort_index()
             std = stats["std"].fillna(0.0)
             if hue is None:
                 ax.errorbar(stats.index, stats["mean"], yerr=std, fmt="o-", capsize=3)
