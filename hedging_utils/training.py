@@ -434,8 +434,9 @@ class StackedSAEs(torch.nn.Module):
             self.register_parameter(name, torch.nn.Parameter(stacked))
         betas = [s.cfg.level_betas() if isinstance(s, BalanceMatryoshkaMixin) else [1.0] * len(self.widths) for s in saes]
         self.register_buffer("betas", torch.tensor(betas, dtype=self.W_enc.dtype))
-        self.register_buffer("l1", torch.tensor([float(getattr(s.cfg, "l1_coefficient", 0.0)) for s in saes]))
-        self.register_buffer("l1_floor", torch.tensor([float(getattr(s.cfg, "l1_floor", 0.0)) for s in saes]))
+        dtype = self.W_enc.dtype
+        self.register_buffer("l1", torch.tensor([float(getattr(s.cfg, "l1_coefficient", 0.0)) for s in saes], dtype=dtype))
+        self.register_buffer("l1_floor", torch.tensor([float(getattr(s.cfg, "l1_floor", 0.0)) for s in saes], dtype=dtype))
         if self.topk:
             self.register_buffer("topk_threshold", torch.stack([s.topk_threshold.detach().reshape(()) for s in saes]).clone())
 
@@ -550,21 +551,27 @@ class StackedSAEs(torch.nn.Module):
 
 def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Tensor:
     """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
-    each SAE's batch [B, d_sae] and zero the rest (found with a k-th value threshold, which is
-    faster than ``topk`` and selects the same entries unless values tie). ``k``: one for every
-    SAE, or one per SAE."""
+    each SAE's batch [B, d_sae] and zero the rest. They are found with a k-th value threshold,
+    which is faster than ``topk``; an SAE whose batch ties at the threshold (identical inputs
+    give identical activations) takes SAELens' own ``topk`` selection instead, so that exactly
+    k * B entries are kept, the same ones. ``k``: one for every SAE, or one per SAE."""
     acts = hidden_pre.relu()
     flat = acts.flatten(1)
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(flat)
+    wanted = [int(value * acts.shape[1]) for value in ks]
     with torch.no_grad():
-        if len(set(ks)) == 1:
-            threshold = flat.kthvalue(flat.shape[1] - int(ks[0] * acts.shape[1]) + 1, dim=1).values
+        if len(set(wanted)) == 1:
+            threshold = flat.kthvalue(flat.shape[1] - wanted[0] + 1, dim=1).values
         else:
             threshold = flat.new_empty(len(flat))
-            for value in set(ks):
-                rows = torch.tensor([i for i, v in enumerate(ks) if v == value])
-                threshold[rows] = flat[rows].kthvalue(flat.shape[1] - int(value * acts.shape[1]) + 1, dim=1).values
-    return torch.where(flat >= threshold[:, None], flat, 0.0).view_as(acts)
+            for value in set(wanted):
+                rows = torch.tensor([i for i, v in enumerate(wanted) if v == value])
+                threshold[rows] = flat[rows].kthvalue(flat.shape[1] - value + 1, dim=1).values
+        keep = flat >= threshold[:, None]
+        tied = (keep.sum(dim=1) > torch.tensor(wanted, device=flat.device)).nonzero().flatten().tolist()
+        for i in tied:
+            keep[i] = torch.zeros_like(keep[i]).scatter(-1, flat[i].topk(wanted[i], dim=-1).indices, True)
+    return torch.where(keep, flat, 0.0).view_as(acts)
 
 
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
@@ -576,7 +583,7 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
     progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
     bar = progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
     for step in range(settings.steps):
-        x = next(inputs).to(device, non_blocking=True)
+        x = next(inputs).to(device, model.W_enc.dtype, non_blocking=True)
         dead = (since_fired > settings.dead_feature_window) & model.latent_mask if model.topk else None
         loss, acts = model.loss(x, step, dead)
         loss.sum().backward()

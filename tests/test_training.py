@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import Hierarchy, ToySetting, conditional_pair, toy_job
 from hedging_utils.training import (
-    StackedSAEs, TrainSettings, make_sae, train_saes, train_together, train_with_sae_lens,
+    Job, StackedSAEs, TrainSettings, copy_sae, make_sae, train_saes, train_together, train_with_sae_lens,
 )
 
 PARENT_CHILDREN = ToySetting([0.25, 0.15, 0.15, 0.15], hierarchies=[Hierarchy(0, (1, 2, 3))], d_model=12)
@@ -12,8 +14,23 @@ TWENTY = ToySetting([0.3] * 20, d_model=24)
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
+EXACT = 1e-8
+"""How far two float64 computations of the same training may drift apart. The equivalence tests
+run both paths in float64: their rounding (~1e-16 a step; 1e-10 after 80 steps at most, measured)
+stays far below this on any CPU, while a real difference in the arithmetic (a missing warm-up, a
+wrong coefficient, a dropped AuxK) moves the weights by 5e-4 or more. In float32 the rounding alone, amplified
+near ReLU boundaries, reaches 2e-4 on some CPUs."""
+
+
 def _max_difference(a, b):
     return max(float((getattr(a, name) - getattr(b, name)).detach().abs().max()) for name in WEIGHTS)
+
+
+def in_float64(job: Job) -> Job:
+    """The same job in float64: the SAE's weights and every batch of its stream."""
+    stream = job.stream
+    return dataclasses.replace(job, sae=copy_sae(job.sae).to(torch.float64),
+                               stream=lambda start: (batch.double() for batch in stream(start)))
 
 
 SWEEPS = {
@@ -45,27 +62,58 @@ def test_saes_that_differ_in_k_and_loss_share_one_stack():
 @pytest.mark.parametrize("name", SWEEPS)
 def test_stacked_training_follows_sae_lens_trainer(name):
     """Each SAE of a stacked sweep follows the trajectory SAELens' own SAETrainer gives it."""
+    for i, (stacked, reference, job) in _both_paths(name).items():
+        assert stacked.W_dec.dtype == torch.float64 and _max_difference(stacked, reference) < EXACT
+        assert not torch.equal(stacked.W_dec, job.sae.W_dec)  # trained, and the job's SAE left unchanged
+        if hasattr(reference, "topk_threshold"):
+            assert float(stacked.topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=EXACT)
+
+
+def _both_paths(name):
+    """{i: (stacked SAE, SAELens-trained SAE, job)} for sweep ``name``, in float64."""
     toy, width, common, variants = SWEEPS[name]
-    jobs = {i: toy_job(toy, width, batch_size=200, seed=i, **common, **v) for i, v in enumerate(variants)}
+    jobs = {i: in_float64(toy_job(toy, width, batch_size=200, seed=i, **common, **v)) for i, v in enumerate(variants)}
     assert all(StackedSAEs.supports(job.sae) for job in jobs.values())
     settings = TrainSettings(steps=80, batch_size=200, dead_feature_window=5)  # a short window: AuxK runs
     stacked = train_together(jobs, settings, progress=False)
-    for i, job in jobs.items():
-        reference = train_with_sae_lens(job, settings)
-        assert _max_difference(stacked[i], reference) < 1e-4
-        assert not torch.equal(stacked[i].W_dec, job.sae.W_dec)  # trained, and the job's SAE left unchanged
-        if hasattr(reference, "topk_threshold"):
-            assert float(stacked[i].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=1e-4)
+    return {i: (stacked[i], train_with_sae_lens(job, settings), job) for i, job in jobs.items()}
+
+
+PLANTED = {
+    "the L1 warm-up dropped": ("standard, L1 sweep with warm-up", "coefficient",
+                               lambda self, step: torch.maximum(self.l1, self.l1_floor)),
+    "beta_m ignored": ("balance matryoshka, beta sweep", "__init__", None),
+    "AuxK dropped": ("batchtopk with AuxK", "auxk_loss", lambda self, residual, *a: residual.new_zeros(residual.shape[0])),
+    "snap never switches to L2": ("detached, snap loss", "reconstruction_loss",
+                                  lambda self, error, step: torch.linalg.vector_norm(error, dim=-1).pow(2).mean(dim=1)),
+}
+
+
+@pytest.mark.parametrize("fault", PLANTED)
+def test_the_equivalence_check_catches_a_planted_fault(fault, monkeypatch):
+    """The check above can fail: with a fault planted in the stacked loss, some SAE of the sweep
+    leaves SAELens' trajectory by far more than the tolerance."""
+    name, method, replacement = PLANTED[fault]
+    if method == "__init__":  # every level weighted 1, whatever beta_m says
+        original = StackedSAEs.__init__
+
+        def replacement(self, saes):
+            original(self, saes)
+            self.betas.fill_(1.0)
+    monkeypatch.setattr(StackedSAEs, method, replacement)
+    worst = max(_max_difference(stacked, reference) for stacked, reference, _ in _both_paths(name).values())
+    assert worst > 1e3 * EXACT, worst
 
 
 def test_a_sweep_of_mixed_shapes_and_data_matches_training_one_at_a_time():
     toys = {"a": conditional_pair(0.25, 0.2, 0.1, d_model=12), "b": conditional_pair(0.25, 0.1, 0.2, d_model=12)}
-    jobs = {(t, w): toy_job(toy, w, batch_size=100, seed=w, l1_coefficient=1e-2) for t, toy in toys.items() for w in (1, 2)}
+    jobs = {(t, w): in_float64(toy_job(toy, w, batch_size=100, seed=w, l1_coefficient=1e-2))
+            for t, toy in toys.items() for w in (1, 2)}
     settings = TrainSettings(steps=30, batch_size=100)
     together = train_together(jobs, settings, progress=False)
     for key, job in jobs.items():
         alone = train_together({key: job}, settings, progress=False)[key]
-        assert _max_difference(together[key], alone) < 1e-6
+        assert _max_difference(together[key], alone) < EXACT
 
 
 def test_an_architecture_without_a_stacked_loss_trains_with_sae_lens():
@@ -100,9 +148,10 @@ def test_settings_are_recorded_in_full_and_checked():
 
 def test_other_adam_betas_change_training_the_same_way_in_both_paths():
     job = toy_job(conditional_pair(0.25, 0.2, 0.1, d_model=12), 2, batch_size=100, l1_coefficient=1e-2)
+    job = in_float64(job)
     settings = TrainSettings(steps=30, batch_size=100, adam_betas=(0.0, 0.999))
     stacked = train_together({"s": job}, settings, progress=False)["s"]
-    assert _max_difference(stacked, train_with_sae_lens(job, settings)) < 1e-5
+    assert _max_difference(stacked, train_with_sae_lens(job, settings)) < EXACT
     default = train_together({"s": job}, TrainSettings(steps=30, batch_size=100), progress=False)["s"]
     assert _max_difference(stacked, default) > 1e-4
 
@@ -112,25 +161,39 @@ def test_make_sae_builds_any_registered_architecture():
 
 
 def test_batchtopk_saes_of_different_widths_share_a_padded_stack():
-    jobs = {w: toy_job(TWENTY, w, batch_size=200, seed=w, architecture="batchtopk", k=2.5, init="random",
-                       rescale_acts_by_decoder_norm=rescale)
+    jobs = {w: in_float64(toy_job(TWENTY, w, batch_size=200, seed=w, architecture="batchtopk", k=2.5, init="random",
+                                  rescale_acts_by_decoder_norm=rescale))
             for w, rescale in ((8, True), (12, True))}
     settings = TrainSettings(steps=60, batch_size=200, dead_feature_window=5)
     stacked = train_together(jobs, settings, progress=False)
     for w, job in jobs.items():
         reference = train_with_sae_lens(job, settings)
-        assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], reference) < 1e-4
-        assert float(stacked[w].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=1e-4)
+        assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], reference) < EXACT
+        assert float(stacked[w].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=EXACT)
 
 
 def test_a_sweep_too_big_for_one_stack_is_cut_into_stacks_that_train_the_same(monkeypatch):
     from hedging_utils import training
     toy, width, common, variants = SWEEPS["balance matryoshka batchtopk, mixed K and losses"]
-    jobs = {i: toy_job(toy, width, batch_size=200, seed=i, **common, **v) for i, v in enumerate(variants)}
+    jobs = {i: in_float64(toy_job(toy, width, batch_size=200, seed=i, **common, **v)) for i, v in enumerate(variants)}
     settings = TrainSettings(steps=30, batch_size=200, dead_feature_window=5)
     whole = train_together(jobs, settings, progress=False)
     monkeypatch.setattr(training, "STACK_BYTES", 200 * 24 * 4 * 2)  # two SAEs of [200, max(24, 16)] per stack
     assert [len(c) for c in training._stack_chunks(list(jobs), jobs, settings)] == [2, 1]
     cut = train_together(jobs, settings, progress=False)
     for i in jobs:
-        assert _max_difference(whole[i], cut[i]) < 1e-5
+        assert _max_difference(whole[i], cut[i]) < EXACT
+
+
+def test_batch_topk_keeps_exactly_k_per_input_when_activations_tie():
+    """Identical inputs give identical activations: a tie at the threshold keeps SAELens' own
+    selection (exactly k * B entries), which a plain threshold would exceed."""
+    from sae_lens.saes.batchtopk_sae import BatchTopK
+    from hedging_utils.training import batch_topk
+    row = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), torch.randn(3, 4)])  # SAE 0 ties at k * B = 3
+    for k in (1.0, [1.0, 2.0]):
+        ours = batch_topk(hidden_pre, k)
+        for i, ki in enumerate(k if isinstance(k, list) else [k, k]):
+            assert torch.equal(ours[i], BatchTopK(ki)(hidden_pre[i]))
+    assert int((batch_topk(hidden_pre, 1.0)[0] > 0).sum()) == 3
