@@ -12,8 +12,10 @@ cache, and SAE training on it.
   requested layers. The result is cut into shards of ``shard_sequences`` sequences, each written
   atomically to ``data/cache/activations/<key>/`` where ``key`` hashes (model, layer, corpus,
   context length, token count), so an interrupted run resumes at the first missing shard and
-  never reads a half-written one. Activations are stored in float32: Gemma's BOS
-  position reaches norms near float16's limit.
+  never reads a half-written one. The model's matrix products run in bfloat16 where the
+  hardware has bfloat16 units (``hedging_utils.precision``: ``torch.autocast``, float32 weights,
+  norms and softmax), in float32 elsewhere; the precision is part of the cache key. Activations
+  are stored in float32 either way: Gemma's BOS position reaches norms near float16's limit.
 - Streams: ``ActivationSource.stream(batch_size, seed)`` is a ``Stream`` like the toy settings'
   (``stream(start_batch)`` yields batches from there on, the same batches every time), so the
   extension and growing tools of ``hedging_utils.extension`` work on LLM activations unchanged.
@@ -46,8 +48,9 @@ from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
 from hedging_utils.cache import cache_root, settings_key
-from hedging_utils.extension import ExtensionPair, GrowthStep, control_and_extended, grow_sae
+from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extension_pairs, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
+from hedging_utils.precision import check_precision, matmul_precision
 from hedging_utils.profiles import LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
@@ -494,9 +497,10 @@ def _load_tensor(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def activation_key(model: str, layer: int, corpus: str, context_size: int, n_tokens: int) -> dict[str, Any]:
+def activation_key(model: str, layer: int, corpus: str, context_size: int, n_tokens: int,
+                   precision: str = "float32") -> dict[str, Any]:
     return {"model": model, "layer": layer, "corpus": corpus_id(corpus), "context_size": context_size,
-            "n_tokens": n_tokens, "hook": f"blocks.{layer}.hook_resid_post", "format": 1}
+            "n_tokens": n_tokens, "hook": f"blocks.{layer}.hook_resid_post", "precision": precision, "format": 1}
 
 
 def cache_activations(
@@ -510,6 +514,7 @@ def cache_activations(
     model_batch_sequences: int = 16,
     device: str | None = None,
     loaded_model: Any = None,
+    precision: str | None = None,
     progress: bool = True,
     _stop_after_shards: int | None = None,
 ) -> dict[int, ActivationSource]:
@@ -519,16 +524,19 @@ def cache_activations(
     One forward pass serves every layer. Shards already on disk are reused, so a rerun after
     an interruption resumes; the model is loaded only if a shard is missing. Activations are
     stored in float32 (BOS positions included, dropped at training time).
-    ``device`` runs the model (default: ``training_device()``, CUDA when present).
+    ``device`` runs the model (default: ``training_device()``, CUDA when present), its matrix
+    products in ``precision`` (default: ``matmul_precision(device)``, bfloat16 where the
+    hardware has bfloat16 units; the activations are float32 either way).
     ``_stop_after_shards`` simulates an interruption (tests).
     """
     spec, layers, corpus = check_llm_setup(model, layers, corpus)
     device = str(training_device()) if device is None else device
+    precision = check_precision(precision or matmul_precision(device))
     check_positive_int("n_tokens", n_tokens)
     check_positive_int("context_size", context_size)
     shard_tokens = shard_sequences * context_size
     n_shards = -(-n_tokens // shard_tokens)
-    keys = {layer: activation_key(model, layer, corpus, context_size, n_shards * shard_tokens) for layer in layers}
+    keys = {layer: activation_key(model, layer, corpus, context_size, n_shards * shard_tokens, precision) for layer in layers}
     dirs = {layer: cache_root() / "activations" / settings_key(keys[layer]) for layer in layers}
     done = {layer: (dirs[layer] / "settings.json").exists() for layer in layers}
 
@@ -536,7 +544,7 @@ def cache_activations(
         missing = [i for i in range(n_shards) if not all((dirs[l] / f"shard_{i:05d}.safetensors").exists() for l in layers)]
         if missing:
             _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shards, missing, dirs,
-                            model_batch_sequences, device, loaded_model, progress, _stop_after_shards)
+                            model_batch_sequences, device, precision, loaded_model, progress, _stop_after_shards)
         tokenizer = loaded_model.tokenizer if loaded_model is not None else load_tokenizer(model)
         special = sorted({t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
         for layer in layers:
@@ -556,7 +564,7 @@ def cache_activations(
 
 
 def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shards, missing, dirs, model_batch_sequences,
-                    device, loaded_model, progress, stop_after) -> None:
+                    device, precision, loaded_model, progress, stop_after) -> None:
     from sae_lens.training.activations_store import ActivationsStore
     from tqdm.auto import tqdm
 
@@ -566,6 +574,7 @@ def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shard
         model, dataset=load_corpus(corpus), hook_names=hooks, hook_d_ins={h: spec.d_model for h in hooks},
         streaming=corpus == "pile", context_size=context_size, total_training_tokens=n_shards * shard_sequences * context_size,
         store_batch_size_prompts=model_batch_sequences, prepend_bos=True, device=device,
+        autocast_lm=precision == "bfloat16",  # SAELens runs the model under torch.autocast(bfloat16)
     )
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -660,15 +669,34 @@ def train_llm_saes(
     computation (``hedging_utils.training.train_saes``), those of one stream seed on the same
     batches. Each is cached on its own (``data/cache/llm_saes``), as ``train_llm_sae`` caches
     it, so reruns load it and an interrupted sweep resumes."""
-    jobs = {}
-    for name, spec in specs.items():
-        check_positive_int("d_sae", spec.d_sae)
-        with seeded(spec.seed):
-            sae = make_sae(source.d_model, spec.d_sae, spec.architecture, **spec.cfg)
-        stream = source.stream(settings.batch_size, spec.stream_seed, window_bytes=window_bytes)
-        jobs[name] = Job(sae, stream, stream.key(), init={"seed": spec.seed},
-                         label=spec.label or f"{spec.architecture} width {spec.d_sae}")
+    jobs = {name: llm_job(source, spec, settings.batch_size, window_bytes) for name, spec in specs.items()}
     return train_saes(jobs, settings, kind="llm_saes", progress=progress)
+
+
+def llm_job(source: ActivationSource, spec: LLMSAESpec, batch_size: int, window_bytes: int | None = None) -> Job:
+    """The training job of ``spec``'s fresh SAE on ``source`` (cached under ``llm_saes``)."""
+    check_positive_int("d_sae", spec.d_sae)
+    with seeded(spec.seed):
+        sae = make_sae(source.d_model, spec.d_sae, spec.architecture, **spec.cfg)
+    stream = source.stream(batch_size, spec.stream_seed, window_bytes=window_bytes)
+    return Job(sae, stream, stream.key(), init={"seed": spec.seed}, label=spec.label or f"{spec.architecture} width {spec.d_sae}")
+
+
+def llm_settings(tokens: int, batch_size: int, **kwargs: Any) -> TrainSettings:
+    """Settings that train an LLM SAE on ``tokens`` tokens (whole batches of ``batch_size``), its
+    encoder and decoder products in ``matmul_precision`` of the training device (bfloat16 where
+    the hardware has bfloat16 units, else float32; ``hedging_utils.precision``). ``kwargs`` go
+    to ``TrainSettings`` (``lr``, ``dead_feature_window``...)."""
+    kwargs.setdefault("precision", llm_precision())
+    return TrainSettings.for_samples(tokens, batch_size, **kwargs)
+
+
+def llm_precision() -> str:
+    """The precision of the LLM work's matrix products on the training device (model forward
+    passes when caching, SAE encoder/decoder products when training): ``bfloat16`` where the
+    hardware has bfloat16 units, else ``float32`` (``hedging_utils.precision``). Every LLM
+    figure records it."""
+    return matmul_precision(training_device())
 
 
 @dataclass(frozen=True)
@@ -694,8 +722,7 @@ class SAERecipe:
         raise ParameterError(f"arch={arch!r} is not 'btk' or 'l1'.")
 
     def base_settings(self, scale: LLMScale) -> TrainSettings:
-        return TrainSettings.for_samples(scale.base_tokens, scale.batch_size, lr=self.lr,
-                                         dead_feature_window=scale.dead_feature_window)
+        return llm_settings(scale.base_tokens, scale.batch_size, lr=self.lr, dead_feature_window=scale.dead_feature_window)
 
     def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int) -> TrainingSAE[Any]:
         """The base SAE of ``measure_hedging`` with this recipe (the same cache entry)."""
@@ -732,7 +759,7 @@ class MatryoshkaVariant:
 
 def matryoshka_settings(scale: MatryoshkaLLMScale, batch_size: int, dead_feature_window: int) -> TrainSettings:
     """Notebook 06's training settings: ``scale.tokens`` in batches of ``batch_size`` at ``scale.lr``."""
-    return TrainSettings.for_samples(scale.tokens, batch_size, lr=scale.lr, dead_feature_window=dead_feature_window)
+    return llm_settings(scale.tokens, batch_size, lr=scale.lr, dead_feature_window=dead_feature_window)
 
 
 def stream_key(source: ActivationSource, batch_size: int, stream_seed: int, *, window_bytes: int | None = None) -> dict[str, Any]:
@@ -789,6 +816,79 @@ class HedgingMeasurement:
     l0: float
 
 
+@dataclass(frozen=True)
+class HedgingSpec:
+    """One hedging-degree measurement of ``measure_hedgings`` (the paper's §4 procedure): a base
+    SAE of ``width`` trained on ``base_tokens`` of ``source`` (initialisation and batch order
+    from ``seed``), then a control and an extension by ``n_new`` latents continued on the next
+    ``continued_tokens`` at ``continued_lr`` (default ``lr``). ``cfg`` goes to the SAE's config
+    (e.g. ``k``, ``l1_coefficient``), ``extend_kwargs`` to ``extend_sae``; ``window_bytes`` bounds
+    the activations a stream holds."""
+
+    source: ActivationSource
+    width: int
+    n_new: int
+    architecture: str
+    base_tokens: int
+    continued_tokens: int
+    batch_size: int
+    lr: float
+    continued_lr: float | None = None
+    seed: int = 0
+    dead_feature_window: int = DEAD_FEATURE_WINDOW
+    cfg: Mapping[str, Any] = field(default_factory=dict)
+    extend_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    window_bytes: int | None = None
+
+    def base_settings(self) -> TrainSettings:
+        return llm_settings(self.base_tokens, self.batch_size, lr=self.lr, dead_feature_window=self.dead_feature_window)
+
+    def continued_settings(self) -> TrainSettings:
+        lr = self.lr if self.continued_lr is None else self.continued_lr
+        return llm_settings(self.continued_tokens, self.batch_size, lr=lr, dead_feature_window=self.dead_feature_window)
+
+    def base_spec(self) -> LLMSAESpec:
+        return LLMSAESpec(self.width, self.architecture, self.seed, self.seed, dict(self.cfg),
+                          label=f"{self.architecture} width {self.width} seed {self.seed}")
+
+
+def measure_hedgings(specs: Mapping[Any, HedgingSpec], *, n_random_draws: int = 10,
+                     progress: bool = True) -> dict[Any, "HedgingMeasurement"]:
+    """Every measurement of ``specs`` (see ``HedgingSpec``), a sweep at a time: all base SAEs
+    that share their training settings train together (stacked by shape, ``train_saes``), then
+    all control/extended pairs that share theirs (``extension_pairs``), then each pair's hedging
+    degree (``hedging_degree``). Every SAE is cached under the same key as when it is measured
+    alone (``measure_hedging``)."""
+    bases: dict[Any, TrainingSAE[Any]] = {}
+    by_settings: dict[str, list[Any]] = {}
+    for key, spec in specs.items():
+        by_settings.setdefault(json.dumps(spec.base_settings().to_dict()), []).append(key)
+    for keys in by_settings.values():
+        settings = specs[keys[0]].base_settings()
+        jobs = {key: llm_job(specs[key].source, specs[key].base_spec(), specs[key].batch_size, specs[key].window_bytes)
+                for key in keys}
+        bases.update(train_saes(jobs, settings, kind="llm_saes", progress=progress))
+    pairs: dict[Any, ExtensionPair] = {}
+    by_pair: dict[str, list[Any]] = {}
+    for key, spec in specs.items():
+        group = {"settings": spec.continued_settings().to_dict(), "n_new": spec.n_new, "extend": dict(spec.extend_kwargs)}
+        by_pair.setdefault(json.dumps(group, sort_keys=True, default=str), []).append(key)
+    for keys in by_pair.values():
+        first = specs[keys[0]]
+        pair_specs = {}
+        for key in keys:
+            spec = specs[key]
+            stream = spec.source.stream(spec.batch_size, spec.seed, window_bytes=spec.window_bytes)
+            pair_specs[key] = PairSpec(bases[key], stream, stream.key(), spec.base_settings().steps, spec.seed)
+        pairs.update(extension_pairs(pair_specs, first.n_new, first.continued_settings(), **dict(first.extend_kwargs)))
+    out = {}
+    for key, spec in specs.items():
+        pair = pairs[key]
+        degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=spec.seed)
+        out[key] = HedgingMeasurement(bases[key], pair, degree, mean_l0(pair.control, spec.source))
+    return out
+
+
 def measure_hedging(
     source: ActivationSource,
     width: int,
@@ -807,21 +907,14 @@ def measure_hedging(
     window_bytes: int | None = None,
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
-    """The paper's §4 procedure on LLM activations: train a base SAE on ``base_tokens``, then
-    a control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
+    """One measurement of ``measure_hedgings``: train a base SAE on ``base_tokens``, then a
+    control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
     Token counts are used in whole batches. Every SAE is cached. ``window_bytes`` bounds the
     activations the stream holds (``ActivationSource.stream``)."""
-    base_settings = TrainSettings.for_samples(base_tokens, batch_size, lr=lr, dead_feature_window=dead_feature_window)
-    continued = TrainSettings.for_samples(continued_tokens, batch_size, lr=lr if continued_lr is None else continued_lr,
-                                          dead_feature_window=dead_feature_window)
-    base = train_llm_sae(source, width, base_settings, architecture=architecture, seed=seed, stream_seed=seed,
-                         label=f"{architecture} width {width} seed {seed}", window_bytes=window_bytes, **sae_cfg)
-    stream = source.stream(batch_size, seed, window_bytes=window_bytes)
-    pair = control_and_extended(base, n_new, stream, continued, data=stream.key(), start_batch=base_settings.steps, seed=seed,
-                                **(extend_kwargs or {}))
-    degree = hedging_degree(pair.control, pair.extended, n_random_draws=n_random_draws, seed=seed)
-    return HedgingMeasurement(base, pair, degree, mean_l0(pair.control, source))
+    spec = HedgingSpec(source, width, n_new, architecture, base_tokens, continued_tokens, batch_size, lr, continued_lr, seed,
+                       dead_feature_window, sae_cfg, extend_kwargs or {}, window_bytes)
+    return measure_hedgings({"m": spec}, n_random_draws=n_random_draws)["m"]
 
 
 def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_random_draws: int = 10) -> list[GrowthStep]:
@@ -831,7 +924,7 @@ def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_
     ``growing_total_tokens`` (``grow_sae``), at ``growing_lr``. Its L1 coefficient warms up from
     0 over the first group and restarts at ``growing_l1_floor`` of itself over each later group
     (``growing_extension``), without which the added latents die. Every SAE is cached."""
-    training = TrainSettings.for_samples(scale.growing_group_tokens, scale.batch_size, lr=scale.growing_lr)
+    training = llm_settings(scale.growing_group_tokens, scale.batch_size, lr=scale.growing_lr)
     start = train_llm_sae(source, scale.growing_start, training, architecture="balance_matryoshka_standard", seed=seed,
                           stream_seed=seed, label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient,
                           l1_warm_up_steps=training.steps)

@@ -56,6 +56,7 @@ import tqdm.auto as tqdm_auto
 import sae_lens.training.sae_trainer as sae_trainer_module
 
 from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry
+from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
@@ -90,6 +91,9 @@ class TrainSettings:
         dead_feature_window: steps without firing after which a latent counts as dead, which
             switches on the TopK/BatchTopK auxiliary loss (AuxK) that revives it.
         grad_clip: the gradient norm of each SAE is clipped to this (SAELens: 1.0).
+        precision: ``float32``, or ``bfloat16`` to run the SAE's encoder and decoder products
+            on bfloat16 copies of its weights (``hedging_utils.precision``: the LLM figures on
+            hardware with bfloat16 units); weights, gradients, Adam and losses stay float32.
     """
 
     steps: int
@@ -98,8 +102,10 @@ class TrainSettings:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     dead_feature_window: int = DEAD_FEATURE_WINDOW
     grad_clip: float = 1.0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         check_positive_int("steps", self.steps)
         check_positive_int("batch_size", self.batch_size)
         if not self.lr > 0:
@@ -283,13 +289,18 @@ def train_saes(
     executor = Executor(executor) if isinstance(executor, str) else executor or Executor.from_env()
     keys = {name: job.cache_settings(settings) for name, job in jobs.items()}
     done = {name: cached_entry(kind, key) for name, key in keys.items()}
-    missing = {name: job for name, job in jobs.items() if done[name] is None}
+    missing: dict[str, Job] = {}
+    for name, job in jobs.items():  # jobs with the same key (the same SAE asked for twice) train once
+        if done[name] is None and all(keys[other] != keys[name] for other in missing):
+            missing[name] = job
     if missing and executor.kind == "inprocess":
         trained = train_together(missing, settings, progress=progress)
         for name, sae in trained.items():
             done[name] = cached_dir(kind, keys[name], lambda path, sae=sae: sae.save_model(path))
     elif missing:
         done.update(submit_and_wait(missing, settings, kind, executor, progress=progress))
+    for name in jobs:
+        done[name] = done[name] or cached_entry(kind, keys[name])
     return {name: TrainingSAE.load_from_disk(done[name]) for name in jobs}
 
 
@@ -385,7 +396,7 @@ def sae_lens_trainer_config(settings: TrainSettings, device: str = "cpu") -> SAE
     """SAELens' trainer settings equivalent to ``settings``: constant learning rate, no logging."""
     return SAETrainerConfig(
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
-        total_training_samples=settings.samples, device=device, autocast=False,
+        total_training_samples=settings.samples, device=device, autocast=settings.precision == "bfloat16",
         lr=settings.lr, lr_end=settings.lr, lr_scheduler_name="constant", lr_warm_up_steps=0,
         adam_beta1=settings.adam_betas[0], adam_beta2=settings.adam_betas[1],
         lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=settings.batch_size,
@@ -409,9 +420,10 @@ class StackedSAEs(torch.nn.Module):
     (MSE, L2 or snap, and snap's switching step).
     """
 
-    def __init__(self, saes: Sequence[TrainingSAE[Any]]):
+    def __init__(self, saes: Sequence[TrainingSAE[Any]], precision: str = "float32"):
         super().__init__()
         first = saes[0]
+        self.product_dtype = dtype_of(precision)
         cfg = first.cfg
         self.saes = list(saes)
         self.topk = isinstance(first, BatchTopKTrainingSAE)
@@ -429,6 +441,7 @@ class StackedSAEs(torch.nn.Module):
         # with latents whose activations are held at 0, so they get no gradient and never count
         width = self.widths[-1]
         self.register_buffer("latent_mask", torch.stack([torch.arange(width) < s.cfg.d_sae for s in saes]))
+        self.all_latents_real = bool(self.latent_mask.all())
         for name, pad_dim in (("W_enc", 1), ("b_enc", 0), ("W_dec", 0), ("b_dec", None)):
             stacked = torch.stack([_pad(getattr(s, name).detach(), pad_dim, width) for s in saes]).clone()
             self.register_parameter(name, torch.nn.Parameter(stacked))
@@ -459,40 +472,48 @@ class StackedSAEs(torch.nn.Module):
 
     def loss(self, x: torch.Tensor, step: int, dead: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss of each SAE [S], feature activations [S, B, d_sae]) for inputs ``x`` [S, B, d_in]."""
-        sae_in = x - self.apply_b_dec_to_input * self.b_dec[:, None]
-        # computed as (W_enc^T sae_in^T)^T: for narrow SAEs this layout is several times faster
-        hidden_pre = torch.baddbmm(self.b_enc[:, :, None], self.W_enc.transpose(1, 2), sae_in.transpose(1, 2)).transpose(1, 2)
+        hidden_pre = _Encode.apply(x, self.b_dec, self.W_enc, self.b_enc, self.apply_b_dec_to_input, self.product_dtype)
         dec_norm = self.W_dec.norm(dim=-1)  # [S, L]
+        padded = not self.all_latents_real
         if self.topk:
             if self.rescale:
                 hidden_pre = hidden_pre * dec_norm[:, None]
-            acts = batch_topk(torch.where(self.latent_mask[:, None], hidden_pre, 0.0), self.k)
+            acts = batch_topk(torch.where(self.latent_mask[:, None], hidden_pre, 0.0) if padded else hidden_pre, self.k)
             decoder = self.W_dec / dec_norm[..., None] if self.rescale else self.W_dec
         else:
-            acts = torch.where(self.latent_mask[:, None], hidden_pre.relu(), 0.0)
+            acts = torch.where(self.latent_mask[:, None], hidden_pre.relu(), 0.0) if padded else hidden_pre.relu()
             decoder = self.W_dec
         coefficient = None if self.topk else self.coefficient(step)
         total = x.new_zeros(x.shape[0])
-        # the error x - recon of each level, level by level: error_m = error_(m-1) - acts_m W_dec_m, one fused
-        # baddbmm per level (the levels' reconstructions are never formed, which saves most of the memory
-        # traffic of a many-level stack); with detached inner levels the inner part carries no gradient
-        base = x - self.b_dec[:, None]
-        error, start = base, 0
-        for m, width in enumerate(self.widths):
-            if self.detach and start > 0:  # the same value; gradient only into b_dec, not the inner latents
-                error = base - base.detach() + error.detach()
-            error = torch.baddbmm(error, acts[:, :, start:width], decoder[:, start:width], alpha=-1.0)
+        # every level's error x - recon (``_NestedErrors``); with detached inner levels the inner part of
+        # each error carries no gradient to the inner latents
+        errors = _NestedErrors.apply(x - self.b_dec[:, None], acts, decoder, tuple(self.widths), self.detach, self.product_dtype)
+        # the L1 penalty of ReLU activations: their decoder-norm-weighted sums, from the batch means of the activations
+        mean_acts = acts.mean(dim=1) if coefficient is not None and self.lp_norm == 1 else None
+        start = 0
+        for m, (width, error) in enumerate(zip(self.widths, errors)):
             level = self.reconstruction_loss(error, step)
             if coefficient is not None:
                 lo = start if self.detach else 0
-                weighted = acts[:, :, lo:width] * dec_norm[:, None, lo:width]
-                norm = weighted.abs().sum(dim=-1) if self.lp_norm == 1 else weighted.norm(p=self.lp_norm, dim=-1)
-                level = level + coefficient * norm.mean(dim=1)
+                if mean_acts is not None:
+                    norm = (mean_acts[:, lo:width] * dec_norm[:, lo:width]).sum(dim=-1)
+                else:
+                    norm = (acts[:, :, lo:width] * dec_norm[:, None, lo:width]).norm(p=self.lp_norm, dim=-1).mean(dim=1)
+                level = level + coefficient * norm
             total = total + self.betas[:, m] * level
             start = width
         if self.topk and dead is not None:
-            total = total + self.auxk_loss(error.detach(), hidden_pre, dead, decoder)
+            total = total + self.auxk_loss(errors[-1].detach(), hidden_pre, dead, decoder)
         return total, acts
+
+    def _addbmm(self, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``base + alpha * a @ b`` per SAE: one fused ``baddbmm`` in the weights' precision, or
+        with ``precision="bfloat16"`` the product of bfloat16 copies of ``a`` and ``b`` (float32
+        accumulation inside the matmul, its result rounded to bfloat16) added to ``base`` in float32."""
+        if self.product_dtype == torch.bfloat16 and base.dtype != torch.bfloat16:
+            product = torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16))
+            return base.add(product, alpha=alpha) if alpha != 1.0 else base + product
+        return torch.baddbmm(base, a, b, alpha=alpha)
 
     def reconstruction_loss(self, error: torch.Tensor, step: int) -> torch.Tensor:
         """Each SAE's batch-mean reconstruction loss [S] from its errors x - recon [S, B, d]
@@ -519,7 +540,7 @@ class StackedSAEs(torch.nn.Module):
         keep = torch.arange(top.values.shape[-1]) < torch.clamp(num_dead, max=k_aux)[:, None]
         values = torch.where(keep[:, None, :], top.values, 0.0)
         aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        error = torch.linalg.vector_norm(torch.baddbmm(residual, aux_acts, decoder, alpha=-1.0), dim=-1).pow(2).mean(dim=1)
+        error = torch.linalg.vector_norm(self._addbmm(residual, aux_acts, decoder, alpha=-1.0), dim=-1).pow(2).mean(dim=1)
         coefficient = float(getattr(self.saes[0].cfg, "aux_loss_coefficient", 1.0))
         return coefficient * scale * error
 
@@ -549,6 +570,93 @@ class StackedSAEs(torch.nn.Module):
         return out
 
 
+class _Encode(torch.autograd.Function):
+    """hidden_pre = (x - a b_dec) W_enc + b_enc per SAE [S, B, L], with its gradient in closed
+    form: b_dec's gradient comes from the batch sum of the upstream gradient times W_enc^T (one
+    [S, L] x [S, L, d] product) instead of the full [S, B, L] x [S, L, d] product autograd would
+    form, a fifth of the step's arithmetic. With ``dtype`` bfloat16 the two large products run on
+    bfloat16 copies (float32 results: hidden_pre and every gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, apply_b_dec, dtype):  # type: ignore[override]
+        sae_in = x - apply_b_dec * b_dec[:, None] if apply_b_dec else x
+        low = dtype == torch.bfloat16 and x.dtype != torch.bfloat16
+        a, w = (sae_in.to(dtype), W_enc.to(dtype)) if low else (sae_in, W_enc)
+        if W_enc.shape[-1] < W_enc.shape[1]:  # narrow SAEs: (W_enc^T sae_in^T)^T is several times faster
+            if low:
+                hidden_pre = torch.add(b_enc[:, :, None], torch.bmm(w.transpose(1, 2), a.transpose(1, 2))).transpose(1, 2)
+            else:
+                hidden_pre = torch.baddbmm(b_enc[:, :, None], w.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
+        elif low:
+            hidden_pre = torch.add(b_enc[:, None], torch.bmm(a, w))
+        else:
+            hidden_pre = torch.baddbmm(b_enc[:, None], a, w)
+        ctx.save_for_backward(a, W_enc)
+        ctx.apply_b_dec, ctx.low = apply_b_dec, low
+        return hidden_pre
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        a, W_enc = ctx.saved_tensors
+        grad_b_enc = grad.sum(dim=1)
+        g = grad.to(a.dtype) if ctx.low else grad
+        grad_W_enc = torch.bmm(a.transpose(1, 2), g).to(W_enc.dtype)
+        grad_b_dec = None
+        if ctx.needs_input_grad[1] and ctx.apply_b_dec:
+            grad_b_dec = -ctx.apply_b_dec * torch.bmm(grad_b_enc[:, None], W_enc.transpose(1, 2))[:, 0]
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None
+
+
+class _NestedErrors(torch.autograd.Function):
+    """Every level's reconstruction error of a (balance-)matryoshka stack, with its gradient in
+    closed form: error_m = base - acts[:, :, :w_m] W[:w_m] (level by level, one fused product
+    per level; the reconstructions are never formed). Backward, level l's latents get the sum of
+    the gradients of the errors of levels m >= l (only level l's own with ``detach``: detached
+    inner levels), written straight into their slice of one gradient tensor, one product per
+    level for the activations and one for the decoder. ``base`` gets every level's gradient.
+    A single-level SAE is the case of one level. With ``dtype`` bfloat16 the products run on
+    bfloat16 copies of the activations and decoder; errors and gradients are float32."""
+
+    @staticmethod
+    def forward(ctx, base, acts, decoder, widths, detach, dtype):  # type: ignore[override]
+        low = dtype == torch.bfloat16 and base.dtype != torch.bfloat16
+        a, w = (acts.to(dtype), decoder.to(dtype)) if low else (acts, decoder)
+        errors, error, start = [], base, 0
+        for width in widths:
+            if low:
+                error = error - torch.bmm(a[:, :, start:width], w[:, start:width])
+            else:
+                error = torch.baddbmm(error, a[:, :, start:width], w[:, start:width], alpha=-1.0)
+            errors.append(error)
+            start = width
+        ctx.save_for_backward(a, w)
+        ctx.widths, ctx.detach, ctx.low, ctx.dtypes = widths, detach, low, (acts.dtype, decoder.dtype)
+        return tuple(errors)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        a, w = ctx.saved_tensors
+        present = [g for g in grads if g is not None]
+        grad_base = torch.stack(present).sum(dim=0) if len(present) > 1 else present[0]
+        grad_acts = a.new_zeros(a.shape, dtype=ctx.dtypes[0]) if len(present) < len(grads) else a.new_empty(a.shape, dtype=ctx.dtypes[0])
+        grad_dec = w.new_zeros(w.shape, dtype=ctx.dtypes[1]) if len(present) < len(grads) else w.new_empty(w.shape, dtype=ctx.dtypes[1])
+        starts = [0, *ctx.widths[:-1]]
+        running = None
+        for level in reversed(range(len(ctx.widths))):
+            g = grads[level]
+            if ctx.detach:
+                running = g
+            elif g is not None:
+                running = g if running is None else running + g
+            if running is None:
+                continue
+            lo, hi = starts[level], ctx.widths[level]
+            r = running.to(a.dtype) if ctx.low else running
+            grad_acts[:, :, lo:hi] = torch.bmm(r, w[:, lo:hi].transpose(1, 2))
+            grad_dec[:, lo:hi] = torch.bmm(a[:, :, lo:hi].transpose(1, 2), r)
+        return grad_base, grad_acts.neg_(), grad_dec.neg_(), None, None, None
+
+
 def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Tensor:
     """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
     each SAE's batch [B, d_sae] and zero the rest. They are found with a k-th value threshold,
@@ -576,7 +684,7 @@ def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Te
 
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
     device = training_device()
-    model = StackedSAEs([job.sae for job in jobs]).to(device)
+    model = StackedSAEs([job.sae for job in jobs], settings.precision).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.adam_betas, foreach=True)
     since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1], device=device)
     inputs = _stacked_batches(jobs)
@@ -609,11 +717,18 @@ and a step costs more per SAE: on 2 cores, 26 matryoshka BatchTopK SAEs (640 -> 
 
 
 def _stack_chunks(names: Sequence[Any], jobs: Mapping[Any, Job], settings: TrainSettings) -> list[list[Any]]:
-    """``names`` (one stackable group) cut into consecutive stacks within ``STACK_BYTES``."""
-    sae = jobs[names[0]].sae
-    per_sae = settings.batch_size * max(sae.cfg.d_in, max(jobs[n].sae.cfg.d_sae for n in names)) * 4
-    size = max(1, STACK_BYTES // per_sae)
-    return [list(names[i:i + size]) for i in range(0, len(names), size)]
+    """``names`` (one stackable group) cut into stacks within ``STACK_BYTES``: ordered by width
+    (SAEs of different widths are padded to the widest of their stack, so a stack of similar
+    widths wastes least), each stack as large as the budget allows for its widest SAE."""
+    d_in = jobs[names[0]].sae.cfg.d_in
+    chunks: list[list[Any]] = []
+    for name in sorted(names, key=lambda n: jobs[n].sae.cfg.d_sae):
+        width = max(d_in, jobs[name].sae.cfg.d_sae)
+        if chunks and (len(chunks[-1]) + 1) * settings.batch_size * width * 4 <= STACK_BYTES:
+            chunks[-1].append(name)
+        else:
+            chunks.append([name])
+    return chunks
 
 
 def _stacked_batches(jobs: Sequence[Job]) -> Iterator[torch.Tensor]:

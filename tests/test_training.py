@@ -97,8 +97,8 @@ def test_the_equivalence_check_catches_a_planted_fault(fault, monkeypatch):
     if method == "__init__":  # every level weighted 1, whatever beta_m says
         original = StackedSAEs.__init__
 
-        def replacement(self, saes):
-            original(self, saes)
+        def replacement(self, saes, *args):
+            original(self, saes, *args)
             self.betas.fill_(1.0)
     monkeypatch.setattr(StackedSAEs, method, replacement)
     worst = max(_max_difference(stacked, reference) for stacked, reference, _ in _both_paths(name).values())
@@ -138,12 +138,14 @@ def test_an_interrupted_sweep_resumes_with_what_finished(capsys):
 def test_settings_are_recorded_in_full_and_checked():
     settings = TrainSettings(steps=3, batch_size=7, adam_betas=(0, 0.999))
     assert settings.to_dict() == {"steps": 3, "batch_size": 7, "lr": 3e-4, "adam_betas": [0.0, 0.999],
-                                  "dead_feature_window": 1000, "grad_clip": 1.0}
+                                  "dead_feature_window": 1000, "grad_clip": 1.0, "precision": "float32"}
     assert TrainSettings.for_samples(100, 30).steps == 3
     with pytest.raises(ParameterError, match="steps=0"):
         TrainSettings(steps=0, batch_size=1)
     with pytest.raises(ParameterError, match="adam_betas"):
         TrainSettings(steps=1, batch_size=1, adam_betas=(1.0, 0.5))
+    with pytest.raises(ParameterError, match="precision='float16'"):
+        TrainSettings(steps=1, batch_size=1, precision="float16")
 
 
 def test_other_adam_betas_change_training_the_same_way_in_both_paths():
