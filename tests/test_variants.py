@@ -211,10 +211,16 @@ def test_save_load_round_trip_in_saelens_format(tmp_path, x, architecture, cfg):
     assert inference.cfg.architecture() == ("standard" if "standard" in architecture else "jumprelu")
 
 
-def test_trains_on_a_toy_with_every_loss():
+def test_snap_trains_as_mse_until_its_step_then_departs_from_both():
+    """Trained on one toy stream from one start: snap loss follows MSE exactly up to snap_step,
+    and after it, having switched to L2, ends apart from both MSE and plain L2."""
     toy = conditional_pair(0.25, 0.2, 0.1)
-    jobs = {loss: toy_job(toy, 2, batch_size=1000, architecture="balance_matryoshka_standard", matryoshka_widths=[1],
-                          l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
-            for loss, extra in (("mse", {}), ("l2", {}), ("snap", {"snap_step": 10}))}
-    for sae in train_toy_saes(jobs, TrainSettings(steps=40, batch_size=1000)).values():
-        assert torch.isfinite(sae.W_dec).all()
+
+    def train(steps, loss, **extra):
+        job = toy_job(toy, 2, batch_size=500, architecture="balance_matryoshka_standard", matryoshka_widths=[1],
+                      l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
+        return train_toy_saes({loss: job}, TrainSettings(steps=steps, batch_size=500), cache=False)[loss].W_dec
+
+    assert torch.equal(train(10, "snap", snap_step=10), train(10, "mse"))
+    snap, mse, l2 = train(40, "snap", snap_step=10), train(40, "mse"), train(40, "l2")
+    assert (snap - mse).abs().max() > 1e-5 and (snap - l2).abs().max() > 1e-5 and (mse - l2).abs().max() > 1e-5
