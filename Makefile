@@ -1,6 +1,6 @@
 # Feature Hedging companion.
 #   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
-#   make test      unit tests + notebook validation (nbval) on the fast `ci` profile
+#   make test      unit tests + notebook validation (nbval) on the fast `ci` profile (its own cache, data/cache/ci)
 #   make lab       open JupyterLab on the notebooks
 #   make benchmark toy training (SAELens one at a time vs batched), and activation caching against this machine's matmul speed
 PYTHON ?= python3
@@ -36,7 +36,7 @@ unit: env
 	$(BIN)/python -m pytest -q tests
 
 notebooks: env
-	HEDGING_PROFILE=ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+	HEDGING_PROFILE=ci HEDGING_CACHE_DIR=$(CURDIR)/data/cache/ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
 benchmark: env
 	$(BIN)/python benchmarks/toy_training.py

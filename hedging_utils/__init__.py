@@ -14,7 +14,7 @@ Modules, one concept each:
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
 - ``figures``: saving figures with their data and manifest entries, and running the notebooks;
-- ``cache``: settings-keyed, atomically written disk cache.
+- ``cache``: settings-keyed, atomically written disk cache, and the source hash that keys follow the code with.
 """
 
 from hedging_utils import variants as _variants  # noqa: F401  (registers the SAE architectures with SAELens)

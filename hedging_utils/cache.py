@@ -3,7 +3,8 @@
 An entry is a directory under ``data/cache/<kind>/<key>/`` where ``key`` hashes the settings
 that produced it. It is written to a temporary sibling first and renamed into place once
 complete, so an interrupted run leaves no half-written entry behind and a rerun resumes
-from the entries that did finish.
+from the entries that did finish. A key that depends on code carries ``source_hash`` of the
+modules behind it, so that it follows the code without a hand-bumped version.
 """
 
 from __future__ import annotations
@@ -14,12 +15,30 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from hedging_utils.profiles import REPO_ROOT
 
 CACHE_ENV = "HEDGING_CACHE_DIR"
 COMPLETE_MARKER = "settings.json"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_hash(modules: Iterable[str] | None = None) -> str:
+    """A short sha256 of the source of this package's ``modules`` (names such as ``"training"``;
+    None: every ``hedging_utils/*.py``), read in sorted order with each file's name, so that an
+    edit to any of them, and only to them, changes the hash. Cache keys carry it (an SAE trained
+    by older code is never reused) and so do figures (a committed figure records the code that
+    produced it)."""
+    names = sorted(p.stem for p in PACKAGE_DIR.glob("*.py")) if modules is None else sorted(set(modules))
+    digest = hashlib.sha256()
+    for name in names:
+        path = PACKAGE_DIR / f"{name}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"hedging_utils has no module {name!r} ({path})")
+        digest.update(name.encode() + b"\0")
+        digest.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def cache_root() -> Path:

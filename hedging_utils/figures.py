@@ -5,8 +5,14 @@ Each figure ``<id>`` (its id in FIGURES.md: P2, X-theory, LW-snap-single, ...) i
 claim checks as ``<dir>/data/<id>.json``, and gets an entry in ``<dir>/manifest.json``. Every
 file is written to a temporary name and renamed, so a reader never sees half a file.
 
-``python -m hedging_utils.figures --profile small`` executes the notebooks in order with
-papermill (what ``make figures`` runs).
+Each figure's record carries its provenance: the profile's full settings and
+``code_version``, a hash of the whole package's source (``cache.source_hash()``). One hash of
+the whole package, rather than of the modules a figure happens to use, is coarse (an edit to
+any module makes every figure stale) but cannot miss a dependency; a test compares the
+committed figures' provenance with today's profile and code.
+
+``python -m hedging_utils.figures --profile small [-p NAME VALUE ...] [01 02 ...]`` executes
+the notebooks in order with papermill (what ``make figures`` runs).
 """
 
 from __future__ import annotations
@@ -15,17 +21,19 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hedging_utils.profiles import REPO_ROOT, Profile, figures_dir, resolve_profile
+from hedging_utils.cache import source_hash
+from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, figures_dir, resolve_profile
 from hedging_utils.training import TEXT_PROGRESS_ENV
 
 MANIFEST = "manifest.json"
@@ -44,6 +52,8 @@ class Check:
 
 
 def check(claim: str, holds: bool, value: Any = None) -> Check:
+    """Record (and print) whether ``claim`` holds in this run; ``value`` is the number it rests
+    on. ``holds`` is anything with a truth value (a NaN comparison is False: a departure)."""
     c = Check(claim, bool(holds), _jsonable(value))
     print(c)
     return c
@@ -87,6 +97,7 @@ class FigureWriter:
             "notebook": self.notebook,
             "profile": self.profile.name,
             "profile_settings": self.profile.to_dict(),
+            "code_version": source_hash(),
             "settings": _jsonable(settings or {}),
             "checks": [asdict(c) for c in checks],
         }
@@ -99,6 +110,7 @@ class FigureWriter:
             "notebook": self.notebook,
             "profile": self.profile.name,
             "checks_hold": all(c.holds for c in checks),
+            "code_version": record["code_version"],
         }
         update_manifest(self.out_dir, {figure_id: entry})
         self.written.append(figure_id)
@@ -177,22 +189,47 @@ def notebooks() -> list[Path]:
     return sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebooks(profile: str, only: Sequence[str] = ()) -> None:
-    """Execute the notebooks in order with papermill under ``profile``; executed copies go
-    to ``build/notebooks/<profile>/`` (kept out of git)."""
+def check_parameters(todo: Sequence[Path], parameters: Mapping[str, Any]) -> None:
+    """Raise a ParameterError, naming them, for any of ``parameters`` that a notebook of ``todo``
+    does not define in its parameters cell (papermill would only warn and run on with its
+    defaults). ``profile`` is the runner's own ``--profile``."""
+    import papermill as pm
+
+    if "profile" in parameters:
+        raise ParameterError("set the profile with --profile, not -p profile.")
+    unknown = {nb.name: sorted(set(parameters) - set(pm.inspect_notebook(str(nb)))) for nb in todo}
+    unknown = {name: names for name, names in unknown.items() if names}
+    if unknown:
+        lines = "; ".join(f"{', '.join(names)} is not a parameter of {name}" for name, names in unknown.items())
+        raise ParameterError(f"{lines}. Run only the notebooks that define it (e.g. `python -m hedging_utils.figures "
+                             f"-p NAME VALUE 04`); their parameters are in each notebook's first code cell.")
+
+
+def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
+                  out_dir: str | os.PathLike | None = None) -> None:
+    """Execute the notebooks in order with papermill under ``profile``.
+
+    ``only``: notebook name prefixes (e.g. ``["01", "04"]``; empty: all). ``parameters``: values
+    for the notebooks' parameters cells, checked against every notebook to run before any of
+    them starts (``check_parameters``). Executed copies and ``timings.json`` go to ``out_dir``
+    (default ``build/notebooks/<profile>/``, kept out of git)."""
     import papermill as pm
 
     resolved = resolve_profile(profile)
-    os.environ.setdefault(TEXT_PROGRESS_ENV, "1")  # progress bars as text, so the log shows them
     todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
-    out = REPO_ROOT / "build" / "notebooks" / resolved.name
+    if not todo:
+        raise ParameterError(f"no notebook starts with {list(only)}; the notebooks are {[nb.name for nb in notebooks()]}.")
+    parameters = dict(parameters or {})
+    check_parameters(todo, parameters)
+    os.environ.setdefault(TEXT_PROGRESS_ENV, "1")  # progress bars as text, so the log shows them
+    out = Path(out_dir) if out_dir is not None else REPO_ROOT / "build" / "notebooks" / resolved.name
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {resolved.name})", flush=True)
         start = time.perf_counter()
         pm.execute_notebook(
-            str(nb), str(out / nb.name), parameters={"profile": resolved.name},
+            str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
             cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
         )
         timings[nb.name] = round(time.perf_counter() - start, 1)
@@ -204,13 +241,39 @@ def run_notebooks(profile: str, only: Sequence[str] = ()) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the figures by executing the notebooks.")
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "small"), help="ci, small (default) or paper")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter, its value read as YAML (-p seed 3, -p widths '[16, 32]', -p k null); "
+                             "a name the notebooks to run do not define stops the run before any compute")
     parser.add_argument("only", nargs="*", help="notebook name prefixes, e.g. 01 (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output at INFO
     for noisy in ("traitlets", "asyncio", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run_notebooks(args.profile, args.only)
+    try:
+        run_notebooks(args.profile, args.only, parse_parameters(args.parameter))
+    except ParameterError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
+
+
+def parse_parameters(pairs: Iterable[Sequence[str]]) -> dict[str, Any]:
+    """``{name: value}`` from ``-p NAME VALUE`` pairs, each value read as YAML (``3`` an int,
+    ``0.5`` and ``1e-3`` floats, ``[1, 2]`` a list, ``null`` None, ``abc`` a string); a name given
+    twice is refused."""
+    import yaml
+
+    parameters: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in parameters:
+            raise ParameterError(f"-p {name} is given twice.")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _EXPONENT_FLOAT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        parameters[name] = parsed
+    return parameters
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens import __version__ as sae_lens_version
 from sae_lens.saes.sae import TrainingSAE
 
-from hedging_utils.cache import cache_root, settings_key
+from hedging_utils.cache import cache_root, settings_key, source_hash
 from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extension_pairs, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import check_precision, matmul_precision
@@ -415,8 +415,11 @@ class ActivationStream:
         return self.window >= self.source.n_shards
 
     def key(self) -> dict[str, Any]:
-        """What identifies this stream in a cache key (the window only where it changes the order)."""
-        key = {"activations": self.source.settings, "batch_size": self.batch_size, "stream_seed": self.seed}
+        """What identifies this stream in a cache key: the activations, batch size and seed, the
+        source of this module (which makes the batches), and the window only where it changes
+        the order."""
+        key = {"activations": self.source.settings, "batch_size": self.batch_size, "stream_seed": self.seed,
+               "code": source_hash(["llm"])}
         return key if self.whole else {**key, "window_shards": self.window}
 
     def _plan(self, epoch: int) -> list[tuple[tuple[int, ...], int]]:

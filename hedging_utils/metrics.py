@@ -69,11 +69,23 @@ def _unit_rows(w: np.ndarray) -> np.ndarray:
     return w / np.clip(np.linalg.norm(w, axis=1, keepdims=True), 1e-12, None)
 
 
-def projection_norms(vectors: np.ndarray, span: np.ndarray) -> np.ndarray:
+def projection_norms(vectors: np.ndarray, span: np.ndarray, *, rtol: float | None = None) -> np.ndarray:
     """||Proj(v, span)|| for each row v of ``vectors``, where ``span`` holds the spanning
-    vectors as rows (eq. 6, computed with an orthonormal basis of the span)."""
-    basis, _ = np.linalg.qr(np.asarray(span, dtype=float).T)
-    return np.linalg.norm(np.asarray(vectors, dtype=float) @ basis, axis=1)
+    vectors as rows (eq. 6), for any span, rank-deficient included.
+
+    The orthonormal basis is the left singular vectors of ``span``^T whose singular values
+    exceed ``rtol`` times the largest (default: numpy's ``matrix_rank`` tolerance,
+    max(shape) * machine epsilon), so linearly dependent spanning vectors (two identical
+    decoder rows, say) add no direction; this equals the authors' pseudo-inverse projection
+    A (A^T A)^+ A^T v. A plain QR would keep a spurious direction there."""
+    span = np.asarray(span, dtype=float)
+    vectors = np.asarray(vectors, dtype=float)
+    if span.size == 0:
+        return np.zeros(len(vectors))
+    u, singular, _ = np.linalg.svd(span.T, full_matrices=False)
+    tolerance = (max(span.shape) * np.finfo(float).eps if rtol is None else rtol) * singular.max(initial=0.0)
+    basis = u[:, singular > tolerance]
+    return np.linalg.norm(vectors @ basis, axis=1)
 
 
 def decoder_change(w_dec_before: np.ndarray, w_dec_after: np.ndarray) -> np.ndarray:

@@ -55,12 +55,23 @@ import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
-from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry
+from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry, source_hash
 from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
-CACHE_VERSION = 2  # 2: one TrainSettings in every key; stacked training; chunked toy streams
+TRAINING_SOURCES = ("training", "precision", "variants", "toys")
+"""The modules whose source enters every SAE cache key (``training_code_version``): the stacked
+loss and the trainer (``training``, ``precision``), the balance-matryoshka architectures and their
+losses (``variants``) and the toy data and SAE initialisation (``toys``). An edit to any of them
+retrains every SAE; edits elsewhere (plots, metrics, notebooks) reuse the cache. An LLM SAE's
+data stream adds the source of ``llm`` to its own key (``ActivationStream.key``)."""
+
+
+@functools.cache
+def training_code_version() -> str:
+    """``source_hash`` of ``TRAINING_SOURCES``, as it is in every SAE cache key (read once a process)."""
+    return source_hash(TRAINING_SOURCES)
 
 DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
 
@@ -159,7 +170,7 @@ class Job:
             "start_batch": self.start_batch,
             "training": settings.to_dict(),
             "sae_lens": sae_lens_version,
-            "version": CACHE_VERSION,
+            "code": training_code_version(),
         }
 
 

@@ -115,13 +115,19 @@ def test_control_and_extended_see_identical_batches():
     assert np.isfinite(degree.h)
 
 
-def test_extension_pairs_are_cached(capsys):
+def test_extension_pairs_are_cached(monkeypatch):
+    from hedging_utils import training
+    trained = []
+    original = training.train_together
+    monkeypatch.setattr(training, "train_together", lambda jobs, *a, **kw: trained.extend(jobs) or original(jobs, *a, **kw))
     toy = ToySetting([0.3, 0.2, 0.1], d_model=8)
     base = make_sae(8, 2, "standard", l1_coefficient=1e-3)
     settings, data = TrainSettings(steps=10, batch_size=64), toy.stream_key(64, 0)
     first = control_and_extended(base, 1, toy.stream(64, seed=0), settings, data=data)
+    assert len(trained) == 2  # the control and the extended SAE
     again = control_and_extended(base, 1, toy.stream(64, seed=0), settings, data=data)
-    assert torch.equal(first.extended.W_dec, again.extended.W_dec)
+    assert len(trained) == 2  # both read from the cache
+    assert torch.equal(first.extended.W_dec, again.extended.W_dec) and torch.equal(first.control.W_dec, again.control.W_dec)
 
 
 def test_control_gets_the_same_l1_rewarmup_as_the_extended():

@@ -1,15 +1,18 @@
 import json
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 
-from hedging_utils.figures import FigureWriter, check, read_manifest
+from hedging_utils.cache import source_hash
+from hedging_utils.figures import Check, FigureWriter, check, main, notebooks, parse_parameters, read_manifest, run_notebooks
 from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
-from hedging_utils.profiles import PROFILES
+from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae
 
 
@@ -61,4 +64,104 @@ def test_similarity_frame_has_the_tidy_schema():
     assert value_at(frame, "s", "decoder", 0, 0, "projection") == pytest.approx(2.0)
     assert value_at(frame, "s", "b_dec", None, 3, "projection") == pytest.approx(0.2)
     assert off_diagonal(frame, "s") == pytest.approx(0.0)
-    heatmap_grid(frame, ["s"])
+    fig = heatmap_grid(frame, ["s"], titles=["demo"])
+    assert [ax.get_title() for ax in fig.axes] == ["demo: encoder", "demo: decoder"]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["f1", "f2", "f3", "f4"]
+
+
+def _save(tmp_path, checks, figure_id="X-demo"):
+    writer = FigureWriter.for_notebook("01_toy_models", PROFILES["ci"], tmp_path)
+    fig, _ = plt.subplots()
+    writer.save(figure_id, fig, pd.DataFrame({"x": [0]}), checks=checks)
+    return read_manifest(tmp_path)[figure_id], json.loads((tmp_path / f"data/{figure_id}.json").read_text())
+
+
+@pytest.mark.parametrize("contradicted,printed", [
+    pytest.param(lambda: check("h > 0", -0.2 > 0, -0.2), True, id="check() with a false comparison"),
+    pytest.param(lambda: check("h > 0", np.float64(-0.2) > 0, np.float64(-0.2)), True, id="check() with a numpy bool"),
+    pytest.param(lambda: check("h > 0", np.float64("nan") > 0, np.float64("nan")), True, id="check() with a NaN"),
+    pytest.param(lambda: check("h > 0", None), True, id="check() with no verdict"),
+    pytest.param(lambda: Check("h > 0", False, -0.2), False, id="a Check built directly"),
+])
+def test_a_contradicted_claim_records_a_departure_in_the_data_and_the_manifest(tmp_path, capsys, contradicted, printed):
+    departing = contradicted()
+    assert ("[DEPARTS] h > 0" in capsys.readouterr().out) == printed and str(departing).startswith("[DEPARTS] h > 0")
+    entry, meta = _save(tmp_path, [check("a claim that holds", True, 1.0), departing])
+    assert entry["checks_hold"] is False
+    assert [c["holds"] for c in meta["checks"]] == [True, False]
+    assert meta["checks"][1]["claim"] == "h > 0"
+
+
+def test_claims_that_all_hold_say_so_and_a_figure_without_claims_holds(tmp_path):
+    entry, meta = _save(tmp_path, [check("h > 0", np.float64(0.3) > 0, np.float64(0.3))])
+    assert entry["checks_hold"] is True and meta["checks"] == [{"claim": "h > 0", "holds": True, "value": 0.3}]
+    entry, _ = _save(tmp_path, [], "X-none")
+    assert entry["checks_hold"] is True
+
+
+def test_a_rerun_that_departs_replaces_a_holding_entry(tmp_path):
+    assert _save(tmp_path, [check("h > 0", True, 0.3)])[0]["checks_hold"] is True
+    assert _save(tmp_path, [check("h > 0", False, -0.3)])[0]["checks_hold"] is False
+
+
+def test_every_figure_records_its_provenance(tmp_path):
+    entry, meta = _save(tmp_path, [])
+    assert meta["profile_settings"] == json.loads(json.dumps(PROFILES["ci"].to_dict()))
+    assert meta["code_version"] == entry["code_version"] == source_hash()
+
+
+@pytest.fixture
+def executed(monkeypatch):
+    """papermill's execute_notebook replaced by a recorder: the runner's calls, no compute."""
+    import papermill as pm
+    monkeypatch.setenv("HEDGING_TEXT_PROGRESS", "1")  # the runner sets it; restored after the test
+    calls = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda source, target, parameters, **kw: calls.append(
+        (Path(source).name, parameters, kw["cwd"])))
+    return calls
+
+
+def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters(tmp_path, executed):
+    run_notebooks("ci", ["04", "01"], {"seed": 3}, out_dir=tmp_path)
+    assert [(name, params) for name, params, _ in executed] == [
+        ("01_toy_models.ipynb", {"seed": 3, "profile": "ci"}),
+        ("04_growing_and_hedging_degree.ipynb", {"seed": 3, "profile": "ci"})]
+    assert all(Path(cwd).name == "notebooks" for _, _, cwd in executed)  # run where the notebooks live
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"01_toy_models.ipynb", "04_growing_and_hedging_degree.ipynb"}
+    executed.clear()
+    run_notebooks("ci", out_dir=tmp_path)
+    assert [name for name, _, _ in executed] == [nb.name for nb in notebooks()] and len(executed) == 6
+
+
+@pytest.mark.parametrize("only,parameters,message", [
+    (["01"], {"seeds": 3}, "seeds is not a parameter of 01_toy_models.ipynb"),
+    ([], {"n_new": 4}, "n_new is not a parameter of 01_toy_models.ipynb"),  # only notebook 04 has it
+    (["04"], {"profile": "paper"}, "--profile"),
+    (["99"], {}, "no notebook starts with"),
+])
+def test_the_runner_refuses_a_parameter_no_notebook_defines_before_running_any(tmp_path, executed, only, parameters, message):
+    with pytest.raises(ParameterError, match=message):
+        run_notebooks("ci", only, parameters, out_dir=tmp_path)
+    assert executed == []
+
+
+def test_the_command_line_reads_parameters_as_yaml_and_stops_on_an_unknown_name(tmp_path, executed, capsys, monkeypatch):
+    from hedging_utils import figures
+    monkeypatch.setattr(figures, "REPO_ROOT", tmp_path / "repo")  # build/notebooks/ under tmp_path
+    monkeypatch.setattr(figures, "notebooks", lambda: sorted((Path(__file__).parent.parent / "notebooks").glob("0[14]_*.ipynb")))
+    assert main(["--profile", "ci", "-p", "widths", "[16, 32]", "-p", "k", "null", "-p", "n_new", "1e-3", "04"]) == 0
+    assert executed[0][1] == {"widths": [16, 32], "k": None, "n_new": 0.001, "profile": "ci"}
+    assert (tmp_path / "repo" / "build" / "notebooks" / "ci" / "timings.json").exists()
+    executed.clear()
+    with pytest.raises(SystemExit) as stop:
+        main(["--profile", "ci", "-p", "seeds", "3", "01"])
+    assert stop.value.code == 2 and executed == []
+    assert "seeds is not a parameter of 01_toy_models.ipynb" in capsys.readouterr().err
+
+
+def test_parameters_are_read_as_yaml_and_a_repeated_name_is_refused():
+    assert parse_parameters([("a", "3"), ("b", "0.5"), ("c", "2e-4"), ("d", "true_features"), ("e", "[1, 2]"),
+                             ("f", "null"), ("g", "true")]) == {"a": 3, "b": 0.5, "c": 2e-4, "d": "true_features",
+                                                                 "e": [1, 2], "f": None, "g": True}
+    with pytest.raises(ParameterError, match="-p a is given twice"):
+        parse_parameters([("a", "1"), ("a", "2")])

@@ -129,12 +129,18 @@ def test_stream_is_deterministic_resumable_and_normalised(model, tiny_corpus):
     assert not torch.equal(next(source.stream(16, seed=4)(0)), first[0])
 
 
-def test_llm_sae_training_is_cached_and_measures_hedging(model, tiny_corpus):
+def test_llm_sae_training_is_cached_and_measures_hedging(model, tiny_corpus, monkeypatch):
+    from hedging_utils import training
+    trained = []
+    original = training.train_together
+    monkeypatch.setattr(training, "train_together", lambda jobs, *a, **kw: trained.extend(jobs) or original(jobs, *a, **kw))
     source = _cache(model, tiny_corpus)[2]
     kwargs = dict(architecture="batchtopk", base_tokens=96, continued_tokens=64, batch_size=32, lr=1e-3, seed=0, k=4)
     m = llm.measure_hedging(source, 16, 2, **kwargs)
     assert m.pair.extended.W_dec.shape == (18, 640) and m.pair.control.W_dec.shape == (16, 640)
+    assert len(trained) == 3  # the base SAE, then its control and extension
     again = llm.measure_hedging(source, 16, 2, **kwargs)
+    assert len(trained) == 3  # all three read from the cache
     assert torch.equal(again.base.W_dec, m.base.W_dec) and again.degree.h == m.degree.h
 
 

@@ -2,7 +2,7 @@ import pytest
 
 import numpy as np
 
-from hedging_utils.metrics import hedging_degree_from_decoders, zero_crossing
+from hedging_utils.metrics import hedging_degree_from_decoders, projection_norms, zero_crossing
 
 
 def test_zero_crossing_interpolates_between_samples():
@@ -23,9 +23,68 @@ def test_hedging_rate_is_the_normalised_clamped_degree():
     p_new, p_random = d.projection_new.mean(), d.projection_random.mean()
     assert d.h == pytest.approx(p_new - p_random)
     assert d.rate == pytest.approx((p_new - p_random) / (1 - p_random)) and d.rate > d.h > 0
-    unrelated = np.concatenate([control + 0.3 * rng.standard_normal((6, 10)), new])
-    assert hedging_degree_from_decoders(control, unrelated).rate >= 0  # clamped, where h may be < 0
-    assert "hedging_rate" in d.summary()
+    assert d.summary()["hedging_rate"] == d.rate
+
+
+E1, E2, E3 = np.eye(3)
+R = 2 ** -0.5
+
+
+def _random_term(delta, n_new, n_draws, seed):
+    """The random baseline of eq. 7 by hand: the draws are ``default_rng(seed).standard_normal((N, D))``
+    in turn; with N = 1 the projection onto the span of r is |delta . r| / ||r||."""
+    assert n_new == 1
+    rng = np.random.default_rng(seed)
+    draws = [rng.standard_normal((1, 3))[0] for _ in range(n_draws)]
+    per_draw = np.array([[abs(d @ r) / np.linalg.norm(r) for d in delta] for r in draws])  # [draw, latent]
+    return per_draw
+
+
+def test_eq7_on_a_hand_worked_three_latent_example():
+    """Control: latents e1, e2. Extended: latent 0 turns halfway towards e3, latent 1 is unchanged,
+    the new latent is 5 e3. delta_0 = (R - 1, 0, R) with R = 1/sqrt(2), delta_1 = 0; the projections
+    onto the new span (e3) are R and 0, so the first term of h is R / 2."""
+    control = np.stack([E1, E2])
+    extended = np.stack([E1 + E3, E2, 5 * E3])
+    d = hedging_degree_from_decoders(control, extended, n_random_draws=4, seed=7)
+    delta = np.array([[R - 1, 0, R], [0, 0, 0]])
+    assert d.delta_norm == pytest.approx([np.sqrt(2 - np.sqrt(2)), 0.0])
+    assert d.projection_new == pytest.approx([R, 0.0])
+    random = _random_term(delta, 1, 4, 7)
+    assert d.projection_random == pytest.approx(random.mean(axis=0))
+    assert d.h == pytest.approx(R / 2 - random.mean())
+    assert d.h_random_spread == pytest.approx(random.mean(axis=1).std())
+    assert d.portion_new == pytest.approx(0.5 / (2 - np.sqrt(2)))  # ||Proj||^2 = 1/2 of ||delta||^2 = 2 - sqrt(2)
+    assert d.portion_random == pytest.approx(np.mean((random ** 2).sum(axis=1)) / (2 - np.sqrt(2)))
+    assert d.rate == pytest.approx((R / 2 - random.mean()) / (1 - random.mean()))
+
+
+def test_a_change_away_from_the_new_latent_has_negative_h_and_a_zero_rate():
+    """Latent 0 turns towards e2 (another original latent), orthogonal to the new latent e3: the
+    new span catches none of the change, random spans some, so h < 0 and the clamped rate is 0."""
+    d = hedging_degree_from_decoders(np.stack([E1, E2]), np.stack([E1 + E2, E2, E3]), n_random_draws=4, seed=7)
+    random = _random_term(np.array([[R - 1, R, 0], [0, 0, 0]]), 1, 4, 7)
+    assert d.projection_new == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert d.h == pytest.approx(-random.mean()) and d.h < -0.05
+    assert d.rate == 0.0
+
+
+def test_projection_onto_a_span_with_a_duplicated_vector_counts_its_direction_once():
+    """eq. 6 on a rank-deficient span: two identical new latents span one direction, as the
+    authors' pseudo-inverse has it; a plain QR adds a spurious second direction."""
+    v = np.array([[1.0, 1.0, 1.0], [0.0, 2.0, 0.0]])
+    assert projection_norms(v, np.stack([E3, E3])) == pytest.approx([1.0, 0.0], abs=1e-12)
+    assert projection_norms(v, np.stack([E1, E1 + E2, 2 * E1 + E2])) == pytest.approx([np.sqrt(2), 2.0])
+    span = np.stack([E1 + E3, 2 * (E1 + E3), E2 - E3])
+    a = span.T
+    pinv = a @ np.linalg.pinv(a.T @ a) @ a.T  # the authors' projection (hedging_eval.py)
+    assert projection_norms(v, span) == pytest.approx(np.linalg.norm(v @ pinv, axis=1))
+    assert projection_norms(v, np.zeros((2, 3))) == pytest.approx([0.0, 0.0])
+    # in the hedging degree: duplicating the new latent changes nothing in the first term
+    control = np.stack([E1, E2])
+    once = hedging_degree_from_decoders(control, np.stack([E1 + E2 + E3, E2, E3]))
+    twice = hedging_degree_from_decoders(control, np.stack([E1 + E2 + E3, E2, E3, E3]))
+    assert twice.projection_new == pytest.approx(once.projection_new)
 
 
 def _sae_with(w_dec, b_dec, architecture="standard"):

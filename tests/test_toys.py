@@ -138,3 +138,11 @@ def test_random_correlation_matrix_keeps_the_independent_block_uncorrelated():
     assert np.linalg.eigvalsh(corr).min() > -1e-9
     assert np.abs(corr[:5, :5] - np.eye(5)).max() < 1e-12
     assert np.abs(corr[5:, :5]).max() > 0.1
+
+
+def test_toy_training_is_the_authors_optimiser():
+    """hedging_paper/toy_models/train_toy_sae.py: Adam at a constant 3e-4 with SAELens 5.10.2's
+    betas (0.0, 0.999), gradients clipped at norm 1."""
+    from hedging_utils.toys import toy_training
+    assert toy_training(24_415, 500).to_dict() == {"steps": 24_415, "batch_size": 500, "lr": 3e-4, "adam_betas": [0.0, 0.999],
+                                                   "dead_feature_window": 1000, "grad_clip": 1.0}

@@ -199,3 +199,49 @@ def test_batch_topk_keeps_exactly_k_per_input_when_activations_tie():
         for i, ki in enumerate(k if isinstance(k, list) else [k, k]):
             assert torch.equal(ours[i], BatchTopK(ki)(hidden_pre[i]))
     assert int((batch_topk(hidden_pre, 1.0)[0] > 0).sum()) == 3
+
+
+def _counting_training(monkeypatch):
+    """Wrap ``train_together`` so that a test sees which SAEs were trained (not loaded from the cache)."""
+    from hedging_utils import training
+    trained = []
+    original = training.train_together
+
+    def counting(jobs, settings, **kwargs):
+        trained.extend(jobs)
+        return original(jobs, settings, **kwargs)
+
+    monkeypatch.setattr(training, "train_together", counting)
+    return trained
+
+
+def test_a_cached_sae_is_loaded_not_retrained(monkeypatch):
+    trained = _counting_training(monkeypatch)
+    toy = conditional_pair(0.25, 0.2, 0.1, d_model=12)
+    settings = TrainSettings(steps=5, batch_size=50)
+    first = train_saes({"a": toy_job(toy, 1, batch_size=50, l1_coefficient=1e-2)}, settings, kind="toy_saes")
+    again = train_saes({"a": toy_job(toy, 1, batch_size=50, l1_coefficient=1e-2)}, settings, kind="toy_saes")
+    assert trained == ["a"] and torch.equal(first["a"].W_dec, again["a"].W_dec)
+    train_saes({"b": toy_job(toy, 1, batch_size=50, l1_coefficient=2e-2)}, settings, kind="toy_saes")
+    assert trained == ["a", "b"]  # another setting: trained
+
+
+def test_an_edit_to_the_training_code_retrains_cached_saes(monkeypatch):
+    """The training modules' source is in every key: after an edit (here, its hash changed) the
+    SAEs trained by the old code are not reused."""
+    from hedging_utils import training
+    from hedging_utils.cache import source_hash
+    assert training.training_code_version() == source_hash(training.TRAINING_SOURCES)
+    job = toy_job(conditional_pair(0.25, 0.2, 0.1, d_model=12), 1, batch_size=50, l1_coefficient=1e-2)
+    settings = TrainSettings(steps=5, batch_size=50)
+    assert job.cache_settings(settings)["code"] == training.training_code_version()
+    trained = _counting_training(monkeypatch)
+    train_saes({"a": job}, settings, kind="toy_saes")
+    monkeypatch.setattr(training, "training_code_version", lambda: "edited")
+    train_saes({"a": job}, settings, kind="toy_saes")
+    assert trained == ["a", "a"]
+
+
+def test_the_training_code_is_the_stacked_loss_the_variants_and_the_toys():
+    from hedging_utils import training
+    assert set(training.TRAINING_SOURCES) == {"training", "variants", "toys"}

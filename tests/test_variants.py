@@ -109,6 +109,43 @@ def test_detached_mode_blocks_outer_gradients_into_inner_latents(x, architecture
     assert _grads(inner_only, _step(inner_only, x).loss)["W_dec"][:3].abs().max() > 0
 
 
+def _loss_by_hand(W_enc, b_enc, W_dec, b_dec, x, l1, widths, betas):
+    """The balance-matryoshka L1 loss written out from the tensors: sum over levels m of
+    beta_m (mean ||x - (acts[:, :m] W_dec[:m] + b_dec)||^2 + l1 mean sum_(i<m) acts_i ||W_dec_i||)."""
+    acts = torch.relu((x - b_dec) @ W_enc + b_enc)
+    total = 0.0
+    for width, beta in zip(widths, betas):
+        recon = acts[:, :width] @ W_dec[:width] + b_dec
+        mse = ((x - recon) ** 2).sum(dim=1).mean()
+        sparsity = l1 * (acts[:, :width] * W_dec[:width].norm(dim=1)).sum(dim=1).mean()
+        total = total + beta * (mse + sparsity)
+    return total
+
+
+def _random_balance_sae(**cfg):
+    torch.manual_seed(3)
+    sae = make_sae(D_IN, D_SAE, "balance_matryoshka_standard", l1_coefficient=0.1, matryoshka_widths=[3],
+                   level_coefficients=[0.5], **cfg).double()
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            p.copy_(torch.randn_like(p) * 0.5)
+    return sae
+
+
+def test_balance_loss_at_beta_one_half_matches_the_loss_worked_out_by_hand(x):
+    """beta = 0.5 on the inner level (3 latents), 1 on the outer (8): both the SAELens forward
+    pass and the stacked training loss equal the sum written out term by term."""
+    from hedging_utils.training import StackedSAEs
+    sae = _random_balance_sae()
+    x = x.double()
+    expected = _loss_by_hand(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, x, 0.1, [3, 8], [0.5, 1.0])
+    inner_only = _loss_by_hand(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, x, 0.1, [3], [1.0])
+    assert 0.1 < float(inner_only) / float(expected) < 0.9  # the inner level is a real part of the total
+    assert _step(sae, x).loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    stacked, _ = StackedSAEs([sae]).double().loss(x[None], 0, None)
+    assert stacked.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
 def test_l2_and_snap_switch_at_the_right_step(x):
     y = x + torch.randn_like(x)
     mse = (y - x).pow(2).sum(-1).mean()
@@ -168,16 +205,22 @@ def test_save_load_round_trip_in_saelens_format(tmp_path, x, architecture, cfg):
     assert loaded.cfg.to_dict() == sae.cfg.to_dict()
     assert torch.equal(loaded.W_dec, sae.W_dec)
     assert _step(loaded, x, n=8).loss.item() == pytest.approx(_step(sae, x, n=8).loss.item(), rel=1e-6)
-    type(sae.cfg).from_dict(sae.cfg.to_dict())
+    assert type(sae.cfg).from_dict(sae.cfg.to_dict()).level_betas() == [0.25, 0.5, 1.0]
     sae.save_inference_model(tmp_path / "inference")
     inference = SAE.load_from_disk(tmp_path / "inference")
     assert inference.cfg.architecture() == ("standard" if "standard" in architecture else "jumprelu")
 
 
-def test_trains_on_a_toy_with_every_loss():
+def test_snap_trains_as_mse_until_its_step_then_departs_from_both():
+    """Trained on one toy stream from one start: snap loss follows MSE exactly up to snap_step,
+    and after it, having switched to L2, ends apart from both MSE and plain L2."""
     toy = conditional_pair(0.25, 0.2, 0.1)
-    jobs = {loss: toy_job(toy, 2, batch_size=1000, architecture="balance_matryoshka_standard", matryoshka_widths=[1],
-                          l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
-            for loss, extra in (("mse", {}), ("l2", {}), ("snap", {"snap_step": 10}))}
-    for sae in train_toy_saes(jobs, TrainSettings(steps=40, batch_size=1000)).values():
-        assert torch.isfinite(sae.W_dec).all()
+
+    def train(steps, loss, **extra):
+        job = toy_job(toy, 2, batch_size=500, architecture="balance_matryoshka_standard", matryoshka_widths=[1],
+                      l1_coefficient=1e-3, reconstruction_loss=loss, **extra)
+        return train_toy_saes({loss: job}, TrainSettings(steps=steps, batch_size=500), cache=False)[loss].W_dec
+
+    assert torch.equal(train(10, "snap", snap_step=10), train(10, "mse"))
+    snap, mse, l2 = train(40, "snap", snap_step=10), train(40, "mse"), train(40, "l2")
+    assert (snap - mse).abs().max() > 1e-5 and (snap - l2).abs().max() > 1e-5 and (mse - l2).abs().max() > 1e-5
