@@ -2,7 +2,7 @@
 #   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
 #   make test      unit tests + notebook validation (nbval) on the fast `ci` profile (its own cache, data/cache/ci)
 #   make lab       open JupyterLab on the notebooks
-#   make benchmark toy training (SAELens one at a time vs batched), and activation caching against this machine's matmul speed
+#   make benchmark toy training (SAELens one at a time vs batched), activation caching and LLM SAE training in float32 and bfloat16, against this machine's matmul speed
 PYTHON ?= python3
 PROFILE ?= small
 # torch is installed first, pinned, so that the resolver never swaps in a multi-GB CUDA build.
@@ -41,6 +41,7 @@ notebooks: env
 benchmark: env
 	$(BIN)/python benchmarks/toy_training.py
 	$(BIN)/python benchmarks/activation_caching.py
+	$(BIN)/python benchmarks/llm_training.py
 
 lab: env
 	$(BIN)/jupyter lab notebooks

@@ -1,11 +1,13 @@
-"""Activation-caching throughput of the default model and layer, against this machine's matmul speed.
+"""Activation-caching throughput of the default model and layer in float32 and with bfloat16
+products, against this machine's matmul speed.
 
     python benchmarks/activation_caching.py [--tokens 32768] [--layer 9]
 
 Caches activations of the offline corpus with ``hedging_utils.llm.cache_activations`` (into a
-temporary cache folder, so nothing is reused), and prints tokens/s, the model's arithmetic per
-token up to that layer, the FLOP/s this reaches, and the fraction of the FLOP/s of a plain
-float32 matrix multiply of similar shape measured on the same machine.
+temporary cache folder, so nothing is reused) once per precision, and prints tokens/s, the
+model's arithmetic per token up to that layer, the FLOP/s this reaches, and its share of the
+FLOP/s of a plain float32 and bfloat16 matrix multiply of similar shape measured on the same
+machine.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from hedging_utils import llm
 from hedging_utils.profiles import PROFILES
 
 
-def matmul_flops(n: int = 4096, d: int = 640, h: int = 2048, repeats: int = 20) -> float:
-    a, b = torch.randn(n, d), torch.randn(d, h)
+def matmul_flops(n: int = 4096, d: int = 640, h: int = 2048, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, d, dtype=dtype), torch.randn(d, h, dtype=dtype)
     for _ in range(3):
         a @ b
     start = time.perf_counter()
@@ -50,20 +52,26 @@ def main() -> None:
 
     print(f"torch threads: {torch.get_num_threads()}")
     model = llm.load_model(args.model)
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["HEDGING_CACHE_DIR"] = cache
-        start = time.perf_counter()
-        llm.cache_activations(args.model, [args.layer], "offline", context_size=args.context_size, n_tokens=args.tokens,
-                              shard_sequences=small.shard_sequences, loaded_model=model, progress=False)
-        elapsed = time.perf_counter() - start
     tokens = -(-args.tokens // (small.shard_sequences * args.context_size)) * small.shard_sequences * args.context_size
     per_token = flops_per_token(model, args.layer, args.context_size)
-    achieved = tokens / elapsed * per_token
-    peak = matmul_flops(d=model.cfg.d_model)
-    print(f"{args.model} layer {args.layer}, context {args.context_size}: {tokens:,} tokens in {elapsed:.1f}s "
-          f"= {tokens / elapsed:,.0f} tokens/s")
-    print(f"model arithmetic: {per_token / 1e6:.1f} MFLOP/token -> {achieved / 1e9:.1f} GFLOP/s")
-    print(f"float32 matmul on this machine: {peak / 1e9:.1f} GFLOP/s; caching reaches {100 * achieved / peak:.0f}% of it")
+    peaks = {"float32": matmul_flops(d=model.cfg.d_model), "bfloat16": matmul_flops(d=model.cfg.d_model, dtype=torch.bfloat16)}
+    print(f"{args.model} layer {args.layer}, context {args.context_size}, {tokens:,} tokens; model arithmetic "
+          f"{per_token / 1e6:.1f} MFLOP/token; matmul here: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    rates = {}
+    for precision in ("float32", "bfloat16"):
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["HEDGING_CACHE_DIR"] = cache
+            start = time.perf_counter()
+            llm.cache_activations(args.model, [args.layer], "offline", context_size=args.context_size, n_tokens=args.tokens,
+                                  shard_sequences=small.shard_sequences, loaded_model=model, precision=precision,
+                                  progress=False)
+            elapsed = time.perf_counter() - start
+        rates[precision] = tokens / elapsed
+        achieved = rates[precision] * per_token
+        print(f"  {precision:9s} {rates[precision]:8,.0f} tokens/s = {achieved / 1e9:6.1f} GFLOP/s: "
+              f"{100 * achieved / peaks['float32']:3.0f}% of float32, {100 * achieved / peaks['bfloat16']:3.0f}% of bfloat16 matmul")
+    print(f"  bfloat16 speed-up: {rates['bfloat16'] / rates['float32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -242,6 +242,51 @@ def test_an_edit_to_the_training_code_retrains_cached_saes(monkeypatch):
     assert trained == ["a", "a"]
 
 
-def test_the_training_code_is_the_stacked_loss_the_variants_and_the_toys():
+def test_the_training_code_is_the_stacked_loss_its_precision_the_variants_and_the_toys():
     from hedging_utils import training
-    assert set(training.TRAINING_SOURCES) == {"training", "variants", "toys"}
+    assert set(training.TRAINING_SOURCES) == {"training", "precision", "variants", "toys"}
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_the_encoders_closed_form_gradient_is_autograds(wide):
+    """The encoder's hand-written backward (b_dec's gradient from a batch sum) against finite
+    differences, in float64, for narrow (transposed layout) and wide SAEs."""
+    from hedging_utils.training import _Encode
+    torch.manual_seed(0)
+    d, width = (6, 4) if not wide else (4, 6)
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    params = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, d), (2, d, width), (2, width))]
+    assert torch.autograd.gradcheck(lambda b_dec, w, b: _Encode.apply(x, b_dec, w, b, 1.0, torch.float64), params)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_the_levels_closed_form_gradient_is_autograds(detach):
+    """Every level's error and its hand-written backward against autograd on the level-by-level
+    reference (with detached inner levels: each error's inner part carries no gradient to the
+    inner latents), in float64; without detaching, against finite differences too."""
+    from hedging_utils.training import _NestedErrors
+    torch.manual_seed(0)
+    widths = (1, 3, 6)
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((2, 5, 4), (2, 5, 6), (2, 6, 4))]
+    weights = [torch.randn(2, 5, 4, dtype=torch.float64) for _ in widths]
+
+    def reference(base, acts, decoder):
+        errors, error, start = [], base, 0
+        for width in widths:
+            if detach and start > 0:
+                error = base - base.detach() + error.detach()
+            error = error - acts[:, :, start:width] @ decoder[:, start:width]
+            errors.append(error)
+            start = width
+        return errors
+
+    def total(errors):
+        return sum((w * e).sum() for w, e in zip(weights, errors))
+    ours = torch.autograd.grad(total(_NestedErrors.apply(*inputs, widths, detach, torch.float64)), inputs)
+    theirs = torch.autograd.grad(total(reference(*inputs)), inputs)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-12)
+    for a, b in zip(_NestedErrors.apply(*inputs, widths, detach, torch.float64), reference(*inputs)):
+        assert torch.allclose(a, b, atol=1e-12)
+    if not detach:
+        assert torch.autograd.gradcheck(lambda *t: _NestedErrors.apply(*t, widths, False, torch.float64), inputs)
