@@ -696,11 +696,12 @@ def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Te
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
     device = training_device()
     model = StackedSAEs([job.sae for job in jobs], settings.precision).to(device)
+    if ClosedFormStep.supports(model):  # toy-sized ReLU + L1 stacks: gradients without autograd
+        return _train_closed_form(model, jobs, settings, label)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.adam_betas, foreach=True)
     since_fired = torch.zeros(len(jobs), model.W_enc.shape[-1], device=device)
     inputs = _stacked_batches(jobs)
-    progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
-    bar = progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+    bar = _progress_bar(settings, label)
     for step in range(settings.steps):
         x = next(inputs).to(device, model.W_enc.dtype, non_blocking=True)
         dead = (since_fired > settings.dead_feature_window) & model.latent_mask if model.topk else None
@@ -718,6 +719,173 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
         bar.update()
     bar.close()
     return model.unstack()
+
+
+def _progress_bar(settings: TrainSettings, label: str | None) -> Any:
+    progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
+    return progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Closed-form training of ReLU + L1 stacks
+
+
+CLOSED_FORM_MAX_D_IN = 256
+"""Stacks of ReLU + L1 SAEs with ``d_in`` below this (the toys) train with ``ClosedFormStep``;
+wider ones (LLM SAEs) keep the autograd loss ``StackedSAEs.loss``."""
+
+
+def _train_closed_form(model: StackedSAEs, jobs: Sequence[Job], settings: TrainSettings,
+                       label: str | None) -> list[TrainingSAE[Any]]:
+    """``_train_stacked`` for a stack ``ClosedFormStep`` supports: the same batches, loss,
+    per-SAE gradient clipping and Adam, with the gradients written out by hand."""
+    step_fn = ClosedFormStep(model, settings)
+    inputs = _stacked_batches(jobs)
+    bar = _progress_bar(settings, label)
+    for step in range(settings.steps):
+        x = next(inputs).to(model.W_enc.device, model.W_enc.dtype, non_blocking=True)  # a stream may need autograd
+        with torch.no_grad():
+            step_fn(x, step)
+        bar.update()
+    bar.close()
+    return model.unstack()
+
+
+class ClosedFormStep:
+    """One training step of a stack of ReLU + L1 SAEs (``standard`` and ``balance_matryoshka_standard``,
+    any levels, betas, detached levels, MSE / L2 / snap losses, L1 warm-up and floor) with the
+    gradients of ``StackedSAEs.loss`` in closed form, then ``_clip_per_sae`` and torch's Adam
+    (foreach, no weight decay), in a few dozen tensor operations on the whole stack.
+
+    Its weights live in one [S, P] tensor (``flat``), the model's parameters becoming views of
+    it, and so do the gradients and Adam's moments: clipping and Adam are each a handful of
+    operations. Per SAE s, with e_m = x - b_dec - acts[:, :w_m] W_dec[:w_m] the error of level m,
+    R_m its reconstruction loss and c the L1 coefficient at this step:
+
+        loss = sum_m beta_m (R_m(e_m) + c mean_b sum_{j in level m's L1 range} acts_bj |W_dec_j|)
+        G_m = beta_m dR_m/de_m            (MSE: 2 e_m / B; L2: e_m / (B |e_m|) where |e_m| >= 1e-6)
+        dL/dacts_j = -Gsum_j W_dec_j^T + c betasum_j |W_dec_j| / B
+        dL/dW_dec_j = -acts_j^T Gsum_j + c betasum_j (sum_b acts_bj / B) W_dec_j / |W_dec_j|
+        dh = dL/dacts * (h > 0); dW_enc = sae_in^T dh; db_enc = sum_b dh
+        db_dec = -sum_b sum_m G_m - apply_b_dec_to_input * W_enc db_enc
+
+    where for latent j in level k, Gsum_j and betasum_j sum G_m and beta_m over the levels
+    whose loss reaches latent j: m >= k, or only m = k with detached inner levels. The
+    equivalence tests (tests/test_training.py) hold this against SAELens' trainer in float64.
+    """
+
+    def __init__(self, model: StackedSAEs, settings: TrainSettings):
+        self.model, self.settings = model, settings
+        S, d, L = model.W_enc.shape
+        # W_enc is kept as [S, L, d] (its gradient comes out in that layout), the others as they are
+        parts = [model.W_enc.detach().transpose(1, 2), model.b_enc.detach(), model.W_dec.detach(), model.b_dec.detach()]
+        self.flat = torch.cat([p.flatten(1) for p in parts], dim=1)
+        views, offset = [], 0
+        for p in parts:
+            size = p[0].numel()
+            views.append(self.flat[:, offset:offset + size].view(p.shape))
+            offset += size
+        self.W_enc_t, self.b_enc, self.W_dec, self.b_dec = views
+        # the model's parameters become views of ``flat`` (``unstack`` reads them)
+        model.W_enc.data, model.b_enc.data, model.W_dec.data, model.b_dec.data = (
+            self.W_enc_t.transpose(1, 2), self.b_enc, self.W_dec, self.b_dec)
+        self.grad = torch.empty_like(self.flat)
+        self.exp_avg = torch.zeros_like(self.flat) if settings.adam_betas[0] != 0 else None
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.a = model.apply_b_dec_to_input
+        starts = [0, *model.widths[:-1]]
+        # the latents each level's loss reaches: all of its own (lo = 0), or only its new ones when detached
+        self.levels = [(start if model.detach else 0, start, width) for start, width in zip(starts, model.widths)]
+        # betasum per latent: the sum of beta_m over the levels whose loss reaches it
+        betas = model.betas
+        reach = [betas[:, k] if model.detach else betas[:, k:].sum(dim=1) for k in range(len(starts))]
+        self.beta_latent = torch.cat([r[:, None].expand(-1, w - s) for r, s, w in zip(reach, starts, model.widths)], dim=1)
+        self.mask = None if bool(model.latent_mask.all()) else model.latent_mask[:, :, None].to(self.flat.dtype)
+        self._l1: tuple[int, torch.Tensor] | None = None
+
+    @staticmethod
+    def supports(model: StackedSAEs) -> bool:
+        return (not model.topk and model.lp_norm == 1 and model.W_enc.shape[1] < CLOSED_FORM_MAX_D_IN
+                and model.product_dtype != torch.bfloat16 and not torch.is_autocast_enabled())
+
+    def l1_scale(self, step: int, batch: int) -> torch.Tensor:
+        """c betasum_j / B per SAE and latent [S, L] (constant once the warm-up is over)."""
+        warm_up = self.model.l1_warm_up_steps
+        key = min(step, warm_up) if warm_up > 0 else 0
+        if self._l1 is None or self._l1[0] != key:
+            self._l1 = (key, self.model.coefficient(step)[:, None] * self.beta_latent / batch)
+        return self._l1[1]
+
+    def level_gradient(self, error: torch.Tensor, m: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """G_m = beta_m dR_m/de_m for the error e_m [S, B, d] of level m, as (g, scale) with
+        G_m = g * scale: for MSE (g = e_m, scale = 2 beta_m / B per SAE [S, 1, 1]) the scale
+        goes onto the small tensors it multiplies, never onto e_m."""
+        model, batch = self.model, error.shape[1]
+        l2 = [kind == "l2" or (kind == "snap" and step >= (snap or 0)) for kind, snap in zip(model.loss_kinds, model.snap_steps)]
+        beta = model.betas[:, m, None, None]
+        mse = 2.0 / batch * beta
+        if not any(l2):
+            return error, mse
+        norms = torch.linalg.vector_norm(error, dim=-1, keepdim=True)
+        weight = torch.where(norms >= 1e-6, beta / batch / norms, 0.0)  # the gradient of norms.clamp_min(1e-6)
+        if not all(l2):
+            weight = torch.where(torch.tensor(l2, device=error.device)[:, None, None], weight, mse)
+        return error * weight, torch.ones_like(mse)
+
+    def __call__(self, x: torch.Tensor, step: int) -> None:
+        W_enc_t, b_enc, W_dec, b_dec = self.W_enc_t, self.b_enc, self.W_dec, self.b_dec
+        batch = x.shape[1]
+        base = x - b_dec[:, None]
+        sae_in = base if self.a == 1.0 else x - self.a * b_dec[:, None]
+        # latent-space tensors are [S, L, B] (transposed): for narrow SAEs the matmuls are several times faster
+        hidden_pre = torch.baddbmm(b_enc[:, :, None], W_enc_t, sae_in.transpose(1, 2))
+        acts = hidden_pre.relu()
+        if self.mask is not None:
+            acts.mul_(self.mask)
+        dec_norm = torch.linalg.vector_norm(W_dec, dim=-1)  # [S, L]
+        l1 = self.l1_scale(step, batch)
+        d_acts = (l1 * dec_norm)[:, :, None].expand(-1, -1, batch)
+        d_dec = (l1 * acts.sum(dim=-1) / dec_norm)[..., None] * W_dec
+        d_b_dec = None
+        error = base
+        for m, (lo, start, width) in enumerate(self.levels):
+            error = torch.baddbmm(error, acts[:, start:width].transpose(1, 2), W_dec[:, start:width], alpha=-1.0)
+            g, scale = self.level_gradient(error, m, step)
+            # G_m reaches latents [lo, width): d_acts -= W_dec G_m^T, d_dec -= acts G_m, d_b_dec -= sum_b G_m
+            reached = d_acts[:, lo:width] if lo > 0 or width < d_acts.shape[1] else d_acts
+            reached = torch.baddbmm(reached, W_dec[:, lo:width] * scale, g.transpose(1, 2), alpha=-1.0)
+            d_dec_m = torch.bmm(acts[:, lo:width], g).mul_(scale)
+            if reached.shape[1] == d_acts.shape[1]:
+                d_acts, d_dec = reached, d_dec - d_dec_m
+            else:
+                d_acts = torch.cat([d_acts[:, :lo], reached, d_acts[:, width:]], dim=1)
+                d_dec = torch.cat([d_dec[:, :lo], d_dec[:, lo:width] - d_dec_m, d_dec[:, width:]], dim=1)
+            out_m = g.sum(dim=1).mul_(scale[:, :, 0])
+            d_b_dec = out_m if d_b_dec is None else d_b_dec + out_m
+        d_hidden = torch.ops.aten.threshold_backward(d_acts, hidden_pre, 0.0)  # ReLU's gradient
+        if self.mask is not None:
+            d_hidden.mul_(self.mask)
+        d_b_enc = d_hidden.sum(dim=-1)
+        d_b_dec = d_b_dec.neg_()
+        if self.a != 0:
+            d_b_dec = torch.baddbmm(d_b_dec[:, :, None], W_enc_t.transpose(1, 2), d_b_enc[:, :, None], alpha=-self.a).squeeze(-1)
+        grads = [torch.bmm(d_hidden, sae_in), d_b_enc, d_dec, d_b_dec]
+        torch.cat([g.flatten(1) for g in grads], dim=1, out=self.grad)
+        self.clip_and_adam(step + 1)
+
+    def clip_and_adam(self, t: int) -> None:
+        """``_clip_per_sae`` then torch's Adam (foreach, no weight decay) at step ``t``, on ``flat``."""
+        settings, grad = self.settings, self.grad
+        norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+        grad.mul_(norm.add_(1e-6).reciprocal_().mul_(settings.grad_clip).clamp_(max=1.0))
+        beta1, beta2 = settings.adam_betas
+        if self.exp_avg is None:  # beta1 = 0: the first moment is the gradient (lerp with weight 1)
+            exp_avg = grad
+        else:
+            exp_avg = self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = self.exp_avg_sq.sqrt().div_((1 - beta2 ** t) ** 0.5).add_(1e-8)
+        self.flat.addcdiv_(exp_avg, denom, value=(settings.lr / (1 - beta1 ** t)) * -1)
 
 
 STACK_BYTES = 16 * 2**20

@@ -6,7 +6,7 @@ import torch
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import Hierarchy, ToySetting, conditional_pair, toy_job
 from hedging_utils.training import (
-    Job, StackedSAEs, TrainSettings, copy_sae, make_sae, train_saes, train_together, train_with_sae_lens,
+    ClosedFormStep, Job, StackedSAEs, TrainSettings, copy_sae, make_sae, train_saes, train_together, train_with_sae_lens,
 )
 
 PARENT_CHILDREN = ToySetting([0.25, 0.15, 0.15, 0.15], hierarchies=[Hierarchy(0, (1, 2, 3))], d_model=12)
@@ -42,6 +42,17 @@ SWEEPS = {
     "detached, snap loss": (PARENT_CHILDREN, 4, dict(architecture="balance_matryoshka_standard", l1_coefficient=1e-2,
                                                      matryoshka_widths=[1], detach_inner_levels=True,
                                                      reconstruction_loss="snap", snap_step=40), [{}]),
+    "standard, L1 floor and warm-up, no b_dec on the input": (
+        conditional_pair(0.25, 0.2, 0.1, d_model=12), 3,
+        dict(architecture="balance_matryoshka_standard", l1_warm_up_steps=30, apply_b_dec_to_input=False),
+        [dict(l1_coefficient=0.3, l1_floor=0.05), dict(l1_coefficient=1e-2, l1_floor=1e-2)]),
+    "matryoshka, three levels, mixed losses": (
+        PARENT_CHILDREN, 4, dict(architecture="balance_matryoshka_standard", l1_coefficient=1e-2, matryoshka_widths=[1, 2]),
+        [dict(coefficient_multiplier=0.5), dict(level_coefficients=[0.3, 0.0], reconstruction_loss="l2"),
+         dict(coefficient_multiplier=1.0, reconstruction_loss="snap", snap_step=40)]),
+    "detached, three levels": (PARENT_CHILDREN, 4, dict(architecture="balance_matryoshka_standard", l1_coefficient=1e-2,
+                                                       matryoshka_widths=[1, 2], detach_inner_levels=True),
+                               [dict(level_coefficients=[0.5, 0.2]), {}]),
     "batchtopk with AuxK": (TWENTY, 16, dict(architecture="batchtopk", k=3, init="random"), [{}, {}]),
     "balance matryoshka batchtopk": (TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", k=3, init="random",
                                                       matryoshka_widths=[4, 8], coefficient_multiplier=0.5), [{}, {}]),
@@ -59,9 +70,26 @@ def test_saes_that_differ_in_k_and_loss_share_one_stack():
     assert len(keys) == 1
 
 
-@pytest.mark.parametrize("name", SWEEPS)
-def test_stacked_training_follows_sae_lens_trainer(name):
+def _closed_form(name):
+    """Whether the stack of sweep ``name`` trains with closed-form gradients (``ClosedFormStep``)."""
+    toy, width, common, variants = SWEEPS[name]
+    return ClosedFormStep.supports(StackedSAEs([toy_job(toy, width, batch_size=10, **common, **variants[0]).sae]))
+
+
+PATHS = [(name, path) for name in SWEEPS for path in (("closed form", "autograd") if _closed_form(name) else ("autograd",))]
+"""Every sweep through the stacked path it takes, and the ReLU + L1 ones through the autograd
+loss too (which LLM-sized stacks use)."""
+
+
+def _use_path(path, monkeypatch):
+    if path == "autograd":
+        monkeypatch.setattr(ClosedFormStep, "supports", staticmethod(lambda model: False))
+
+
+@pytest.mark.parametrize("name, path", PATHS)
+def test_stacked_training_follows_sae_lens_trainer(name, path, monkeypatch):
     """Each SAE of a stacked sweep follows the trajectory SAELens' own SAETrainer gives it."""
+    _use_path(path, monkeypatch)
     for i, (stacked, reference, job) in _both_paths(name).items():
         assert stacked.W_dec.dtype == torch.float64 and _max_difference(stacked, reference) < EXACT
         assert not torch.equal(stacked.W_dec, job.sae.W_dec)  # trained, and the job's SAE left unchanged
@@ -79,28 +107,41 @@ def _both_paths(name):
     return {i: (stacked[i], train_with_sae_lens(job, settings), job) for i, job in jobs.items()}
 
 
-PLANTED = {
-    "the L1 warm-up dropped": ("standard, L1 sweep with warm-up", "coefficient",
+_original_level_gradient = ClosedFormStep.level_gradient
+
+BOTH = ("closed form", "autograd")
+PLANTED = {  # fault: (sweep, the paths it reaches, class, method, replacement)
+    "the L1 warm-up dropped": ("standard, L1 sweep with warm-up", BOTH, StackedSAEs, "coefficient",
                                lambda self, step: torch.maximum(self.l1, self.l1_floor)),
-    "beta_m ignored": ("balance matryoshka, beta sweep", "__init__", None),
-    "AuxK dropped": ("batchtopk with AuxK", "auxk_loss", lambda self, residual, *a: residual.new_zeros(residual.shape[0])),
-    "snap never switches to L2": ("detached, snap loss", "reconstruction_loss",
+    "the L1 floor dropped": ("standard, L1 floor and warm-up, no b_dec on the input", BOTH, StackedSAEs, "l1_floor", None),
+    "beta_m ignored": ("balance matryoshka, beta sweep", BOTH, StackedSAEs, "betas", None),
+    "AuxK dropped": ("batchtopk with AuxK", ("autograd",), StackedSAEs, "auxk_loss",
+                     lambda self, residual, *a: residual.new_zeros(residual.shape[0])),
+    "snap never switches to L2": ("detached, snap loss", ("autograd",), StackedSAEs, "reconstruction_loss",
                                   lambda self, error, step: torch.linalg.vector_norm(error, dim=-1).pow(2).mean(dim=1)),
+    "snap never switches to L2 (closed form)": ("detached, snap loss", ("closed form",), ClosedFormStep, "level_gradient",
+                                                lambda self, error, m, step: _original_level_gradient(self, error, m, -1)),
+    "detached levels not detached (closed form)": ("detached, three levels", ("closed form",), StackedSAEs, "detach", None),
 }
+FAULT_PATHS = [(fault, path) for fault, (_, paths, *_) in PLANTED.items() for path in paths]
 
 
-@pytest.mark.parametrize("fault", PLANTED)
-def test_the_equivalence_check_catches_a_planted_fault(fault, monkeypatch):
-    """The check above can fail: with a fault planted in the stacked loss, some SAE of the sweep
-    leaves SAELens' trajectory by far more than the tolerance."""
-    name, method, replacement = PLANTED[fault]
-    if method == "__init__":  # every level weighted 1, whatever beta_m says
-        original = StackedSAEs.__init__
+@pytest.mark.parametrize("fault, path", FAULT_PATHS)
+def test_the_equivalence_check_catches_a_planted_fault(fault, path, monkeypatch):
+    """The check above can fail: with a fault planted in the stacked loss (or, for the closed
+    form, in its gradients), some SAE of the sweep leaves SAELens' trajectory by far more than
+    the tolerance."""
+    name, _, cls, method, replacement = PLANTED[fault]
+    _use_path(path, monkeypatch)
+    if replacement is None:  # a setting dropped: every level weighted 1, whatever beta_m says; no floor; no detaching
+        original, setting = StackedSAEs.__init__, method
 
         def replacement(self, saes, *args):
             original(self, saes, *args)
-            self.betas.fill_(1.0)
-    monkeypatch.setattr(StackedSAEs, method, replacement)
+            {"betas": lambda: self.betas.fill_(1.0), "l1_floor": lambda: self.l1_floor.zero_(),
+             "detach": lambda: setattr(self, "detach", False)}[setting]()
+        method = "__init__"
+    monkeypatch.setattr(cls, method, replacement)
     worst = max(_max_difference(stacked, reference) for stacked, reference, _ in _both_paths(name).values())
     assert worst > 1e3 * EXACT, worst
 
@@ -172,6 +213,20 @@ def test_batchtopk_saes_of_different_widths_share_a_padded_stack():
         reference = train_with_sae_lens(job, settings)
         assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], reference) < EXACT
         assert float(stacked[w].topk_threshold) == pytest.approx(float(reference.topk_threshold), rel=EXACT)
+
+
+@pytest.mark.parametrize("path", ["closed form", "autograd"])
+def test_standard_saes_of_different_widths_share_a_padded_stack(path, monkeypatch):
+    _use_path(path, monkeypatch)
+    toy = conditional_pair(0.25, 0.2, 0.1, d_model=12)
+    jobs = {w: in_float64(toy_job(toy, w, batch_size=200, seed=w, init="random", l1_coefficient=c))
+            for w, c in ((1, 1e-2), (3, 3e-3))}
+    from hedging_utils.training import _group_key
+    assert len({_group_key(job) for job in jobs.values()}) == 1
+    settings = TrainSettings(steps=60, batch_size=200)
+    stacked = train_together(jobs, settings, progress=False)
+    for w, job in jobs.items():
+        assert stacked[w].cfg.d_sae == w and _max_difference(stacked[w], train_with_sae_lens(job, settings)) < EXACT
 
 
 def test_a_sweep_too_big_for_one_stack_is_cut_into_stacks_that_train_the_same(monkeypatch):
