@@ -40,6 +40,7 @@ notebooks: env
 
 benchmark: env
 	$(BIN)/python benchmarks/toy_training.py
+	$(BIN)/python benchmarks/toy_step_profile.py
 	$(BIN)/python benchmarks/activation_caching.py
 	$(BIN)/python benchmarks/llm_training.py
 

@@ -3,6 +3,7 @@
 Modules, one concept each:
 
 - ``profiles``: the ``ci`` / ``small`` / ``paper`` profiles and parameter checks;
+- ``precision``: bfloat16 products for the LLM work where the hardware has bfloat16 units, float32 elsewhere;
 - ``training``: one ``TrainSettings``; building, training (a sweep as one stacked computation) and caching SAEs;
 - ``toys``: toy models of orthogonal features on SAELens' synthetic data, and the SAEs trained on them;
 - ``theory``: exact loss curves of a tied latent and the MSE-optimal (OLS) decoder of appendix A.4;

@@ -32,17 +32,18 @@ def test_llm_settings_and_activation_keys_record_the_precision(monkeypatch):
     assert keys["float32"] != keys["bfloat16"] and keys["bfloat16"]["precision"] == "bfloat16"
 
 
-ACTIVATION_REL_ERROR = 0.02
+ACTIVATION_REL_ERROR = 0.01
 """bfloat16 products may move the default model's layer-9 residual stream by at most this, as a
-mean relative error per token (measured: about 0.004 under autocast)."""
+mean relative error per token (measured on an AVX512-BF16 CPU: 0.004)."""
 
 TOP1_AGREEMENT = 0.95
-"""... and must keep at least this share of its top-1 next-token predictions."""
+"""... and must keep at least this share of its top-1 next-token predictions (measured: 0.982
+of 384 tokens)."""
 
 
 def test_bf16_products_keep_the_models_activations_and_predictions():
     model = llm.load_model("gemma-3-270m")
-    tokens = torch.tensor(llm.load_offline_tokenizer()(
+    tokens = torch.as_tensor(llm.load_offline_tokenizer()(
         [d["text"] for d in llm.offline_documents()[:64]], return_tensors="pt", padding="max_length", truncation=True,
         max_length=64)["input_ids"][:, :64])
     tokens = tokens[(tokens != 0).all(dim=1)][:6]  # whole windows of real text
@@ -69,11 +70,13 @@ def _gaussian_jobs(architecture, **cfg):
     return {"s": Job(sae, stream, {"gaussian": 64}, init={"seed": 0})}
 
 
-BF16_LOSS_TOLERANCE = 0.03
-"""A short bfloat16 SAE run ends within this relative distance of the float32 run's loss..."""
+BF16_LOSS_TOLERANCE = 0.01
+"""A short bfloat16 SAE run ends within this relative distance of the float32 run's
+reconstruction error (measured: 1e-4 for L1, 5e-4 for matryoshka BatchTopK)..."""
 
-BF16_DECODER_COSINE = 0.98
-"""... and its decoder rows keep at least this mean cosine with the float32 run's."""
+BF16_DECODER_COSINE = 0.995
+"""... and its decoder rows keep at least this mean cosine with the float32 run's (measured:
+0.99998 and 0.9993)."""
 
 
 @pytest.mark.parametrize("architecture,cfg", [("standard", {"l1_coefficient": 0.05}),
@@ -87,7 +90,7 @@ def test_bf16_sae_training_stays_within_tolerance_of_float32(architecture, cfg):
     x = torch.randn(2048, 64, generator=torch.Generator().manual_seed(99)) * torch.linspace(0.2, 2.0, 64)
     with torch.no_grad():
         losses = {p: float(((sae.decode(sae.encode(x)) - x) ** 2).sum(-1).mean()) for p, sae in runs.items()}
-    cosine = torch.nn.functional.cosine_similarity(runs["float32"].W_dec, runs["bfloat16"].W_dec, dim=1).mean()
+    cosine = torch.nn.functional.cosine_similarity(runs["float32"].W_dec, runs["bfloat16"].W_dec, dim=1).mean().detach()
     assert abs(losses["bfloat16"] - losses["float32"]) < BF16_LOSS_TOLERANCE * losses["float32"], losses
     assert float(cosine) > BF16_DECODER_COSINE, float(cosine)
     assert not torch.equal(runs["float32"].W_dec, runs["bfloat16"].W_dec)  # the products really ran in bfloat16

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from hedging_utils import llm
+from hedging_utils.cache import source_hash
 from hedging_utils.profiles import ParameterError
 
 BOS = 2
@@ -82,7 +83,8 @@ def test_a_window_holding_every_shard_keeps_the_in_memory_order(tmp_path):
         return acts[order[j * batch_size:(j + 1) * batch_size]]
 
     stream = source.stream(batch_size, seed)
-    assert stream.whole and stream.key() == {"activations": source.settings, "batch_size": batch_size, "stream_seed": seed}
+    assert stream.whole and stream.key() == {"activations": source.settings, "batch_size": batch_size, "stream_seed": seed,
+                                             "code": source_hash(["llm"])}
     it = stream(per_epoch - 2)
     for b in range(per_epoch - 2, per_epoch + 3):
         assert torch.equal(next(it), in_memory(b))

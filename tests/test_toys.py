@@ -145,4 +145,4 @@ def test_toy_training_is_the_authors_optimiser():
     betas (0.0, 0.999), gradients clipped at norm 1."""
     from hedging_utils.toys import toy_training
     assert toy_training(24_415, 500).to_dict() == {"steps": 24_415, "batch_size": 500, "lr": 3e-4, "adam_betas": [0.0, 0.999],
-                                                   "dead_feature_window": 1000, "grad_clip": 1.0}
+                                                   "dead_feature_window": 1000, "grad_clip": 1.0, "precision": "float32"}
