@@ -1,5 +1,5 @@
 """Where the LLM work runs its products in bfloat16, and that doing so changes nothing that
-matters: the model's activations and next-token predictions, and a short LLM SAE run."""
+matters in a short LLM SAE run (the model's activations and predictions: tests/test_llm.py)."""
 
 import pytest
 import torch
@@ -30,33 +30,6 @@ def test_llm_settings_and_activation_keys_record_the_precision(monkeypatch):
     assert llm.llm_settings(4096, 1024, precision="float32").precision == "float32"
     keys = {p: llm.activation_key("gemma-3-270m", 3, "offline", 64, 1024, p) for p in ("float32", "bfloat16")}
     assert keys["float32"] != keys["bfloat16"] and keys["bfloat16"]["precision"] == "bfloat16"
-
-
-ACTIVATION_REL_ERROR = 0.01
-"""bfloat16 products may move the default model's layer-9 residual stream by at most this, as a
-mean relative error per token (measured on an AVX512-BF16 CPU: 0.004)."""
-
-TOP1_AGREEMENT = 0.95
-"""... and must keep at least this share of its top-1 next-token predictions (measured: 0.982
-of 384 tokens)."""
-
-
-def test_bf16_products_keep_the_models_activations_and_predictions():
-    model = llm.load_model("gemma-3-270m")
-    tokens = torch.as_tensor(llm.load_offline_tokenizer()(
-        [d["text"] for d in llm.offline_documents()[:64]], return_tensors="pt", padding="max_length", truncation=True,
-        max_length=64)["input_ids"][:, :64])
-    tokens = tokens[(tokens != 0).all(dim=1)][:6]  # whole windows of real text
-    hook = "blocks.9.hook_resid_post"
-    with torch.no_grad():
-        logits32, cache32 = model.run_with_cache(tokens, names_filter=[hook])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits16, cache16 = model.run_with_cache(tokens, names_filter=[hook])
-    a32, a16 = cache32[hook][:, 1:].float(), cache16[hook][:, 1:].float()  # BOS aside: its norm is in the thousands
-    rel = float(((a16 - a32).norm(dim=-1) / a32.norm(dim=-1)).mean())
-    agreement = float((logits16.float().argmax(-1) == logits32.argmax(-1)).float().mean())
-    assert rel < ACTIVATION_REL_ERROR and agreement > TOP1_AGREEMENT, (rel, agreement)
-    assert rel > 0  # bfloat16 really ran
 
 
 def _gaussian_jobs(architecture, **cfg):
