@@ -18,6 +18,7 @@ import time
 import torch
 
 import hedging_utils  # noqa: F401  (registers the SAE variants)
+from activation_caching import matmul_flops  # benchmarks/ is on the path when a script here runs
 from hedging_utils.training import Job, TrainSettings, make_sae, seeded, train_together
 
 CONFIGS = {
@@ -28,16 +29,6 @@ CONFIGS = {
         "balance_matryoshka_batchtopk", 512, 1024, 6, {"k": 40, "matryoshka_widths": [2, 8, 32, 128],
                                                         "coefficient_multiplier": 0.5}),
 }
-
-
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def gaussian_stream(d: int, batch: int):
@@ -67,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    peaks = {p: matmul_flops(dt) for p, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    peaks = {p: matmul_flops(2048, 2048, 2048, repeats=10, dtype=dt) for p, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     print(f"torch threads: {torch.get_num_threads()}; matmul 2048^3: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
           f"bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     for name, (arch, width, batch, n_saes, cfg) in CONFIGS.items():
