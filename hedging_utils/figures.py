@@ -39,24 +39,83 @@ from hedging_utils.training import TEXT_PROGRESS_ENV
 MANIFEST = "manifest.json"
 
 
+HOLDS, DEPARTS, INCONCLUSIVE = "holds", "departs", "inconclusive"
+VERDICTS = (HOLDS, DEPARTS, INCONCLUSIVE)
+NO_CLAIM = "no claim"
+
+
 @dataclass
 class Check:
-    """A claim of the paper about a figure, and whether this run's numbers show it."""
+    """A claim of the paper about a figure, and what this run's numbers say of it.
+
+    ``verdict`` is ``holds`` (the claimed direction, beyond seed noise), ``departs`` (the other
+    direction, beyond seed noise) or ``inconclusive`` (within noise, or too few seeds to tell);
+    ``value`` is the number it rests on (for ``verdict``: the effect and its noise)."""
 
     claim: str
-    holds: bool
+    verdict: str
     value: Any = None
 
+    @property
+    def holds(self) -> bool:
+        return self.verdict == HOLDS
+
     def __str__(self) -> str:
-        return f"[{'ok' if self.holds else 'DEPARTS'}] {self.claim}" + (f"  ({self.value})" if self.value is not None else "")
+        label = {HOLDS: "holds", DEPARTS: "DEPARTS", INCONCLUSIVE: "inconclusive"}[self.verdict]
+        return f"[{label}] {self.claim}" + (f"  ({self.value})" if self.value is not None else "")
 
 
 def check(claim: str, holds: bool, value: Any = None) -> Check:
-    """Record (and print) whether ``claim`` holds in this run; ``value`` is the number it rests
-    on. ``holds`` is anything with a truth value (a NaN comparison is False: a departure)."""
-    c = Check(claim, bool(holds), _jsonable(value))
+    """Record (and print) a claim that has no seed noise to weigh: an exact or structural fact of
+    this run (a closed-form curve, a latent's sign, a count). It holds or departs; ``holds`` is
+    anything with a truth value (a NaN comparison is False: a departure). Claims about an effect
+    that varies with the seed go through ``verdict``."""
+    c = Check(claim, HOLDS if bool(holds) else DEPARTS, _jsonable(value))
     print(c)
     return c
+
+
+def verdict(claim: str, effect: Any, noise: Any = None, *, n_sigma: float = 2.0) -> Check:
+    """Record (and print) a claim about an effect, weighed against its seed noise.
+
+    ``effect``: the effect, signed so that the claim's direction is positive, either one number
+    (then ``noise`` is its seed standard deviation) or one number per seed (then ``noise``, if
+    not given, is their standard deviation across seeds, ddof 1, and the effect their mean).
+    The claim *holds* when effect > ``n_sigma`` × noise, *departs* when effect < -``n_sigma`` ×
+    noise, and is *inconclusive* otherwise, and whenever the noise is unknown (fewer than two
+    seeds, or NaN)."""
+    import numpy as np
+
+    values = np.atleast_1d(np.asarray(effect, dtype=float))
+    mean = float(values.mean()) if values.size else float("nan")
+    if noise is None:
+        noise = float(values.std(ddof=1)) if values.size >= 2 else float("nan")
+    noise = float(noise)
+    if not np.isfinite(mean) or not np.isfinite(noise):
+        outcome = INCONCLUSIVE
+    elif mean > n_sigma * noise:
+        outcome = HOLDS
+    elif mean < -n_sigma * noise:
+        outcome = DEPARTS
+    else:
+        outcome = INCONCLUSIVE
+    value = {"effect": mean, "noise": noise, "n_sigma": n_sigma, "seeds": int(values.size) if values.size > 1 else None}
+    c = Check(claim, outcome, _jsonable({k: v for k, v in value.items() if v is not None}))
+    print(c)
+    return c
+
+
+def figure_verdict(checks: Sequence[Check]) -> str:
+    """One word for a figure: ``no claim`` without checks, else ``departs`` if any check
+    departs, ``inconclusive`` if any is inconclusive, ``holds`` if all hold."""
+    if not checks:
+        return NO_CLAIM
+    verdicts = {c.verdict for c in checks}
+    return DEPARTS if DEPARTS in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else HOLDS
+
+
+def count_verdicts(checks: Sequence[Check]) -> dict[str, int]:
+    return {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
 
 
 @dataclass
@@ -109,7 +168,8 @@ class FigureWriter:
             "meta": f"data/{meta.name}",
             "notebook": self.notebook,
             "profile": self.profile.name,
-            "checks_hold": all(c.holds for c in checks),
+            "verdict": figure_verdict(checks),
+            "verdicts": count_verdicts(checks),
             "code_version": record["code_version"],
         }
         update_manifest(self.out_dir, {figure_id: entry})

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from hedging_utils.cache import source_hash
-from hedging_utils.figures import Check, FigureWriter, check, main, notebooks, parse_parameters, read_manifest, run_notebooks
+from hedging_utils.figures import Check, FigureWriter, check, figure_verdict, main, verdict, notebooks, parse_parameters, read_manifest, run_notebooks
 from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
 from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae
@@ -25,7 +25,7 @@ def test_writer_saves_image_data_settings_and_manifest(tmp_path):
     for name in ("X-demo.png", "X-demo.pdf", "data/X-demo.csv", "data/X-demo.json"):
         assert (tmp_path / name).stat().st_size > 0
     entry = read_manifest(tmp_path)["X-demo"]
-    assert entry["notebook"] == "01_toy_models" and entry["profile"] == "ci" and entry["checks_hold"]
+    assert entry["notebook"] == "01_toy_models" and entry["profile"] == "ci" and entry["verdict"] == "holds"
     meta = json.loads((tmp_path / "data/X-demo.json").read_text())
     assert meta["settings"] == {"lr": 3e-4} and meta["checks"][0]["value"] == 0.5
     writer.verify(["X-demo"])
@@ -81,27 +81,51 @@ def _save(tmp_path, checks, figure_id="X-demo"):
     pytest.param(lambda: check("h > 0", np.float64(-0.2) > 0, np.float64(-0.2)), True, id="check() with a numpy bool"),
     pytest.param(lambda: check("h > 0", np.float64("nan") > 0, np.float64("nan")), True, id="check() with a NaN"),
     pytest.param(lambda: check("h > 0", None), True, id="check() with no verdict"),
-    pytest.param(lambda: Check("h > 0", False, -0.2), False, id="a Check built directly"),
+    pytest.param(lambda: Check("h > 0", "departs", -0.2), False, id="a Check built directly"),
+    pytest.param(lambda: verdict("h > 0", [-0.3, -0.2, -0.25]), True, id="verdict() beyond seed noise the other way"),
+    pytest.param(lambda: verdict("h > 0", -0.3, 0.1), True, id="verdict() with a stated noise"),
 ])
 def test_a_contradicted_claim_records_a_departure_in_the_data_and_the_manifest(tmp_path, capsys, contradicted, printed):
     departing = contradicted()
     assert ("[DEPARTS] h > 0" in capsys.readouterr().out) == printed and str(departing).startswith("[DEPARTS] h > 0")
     entry, meta = _save(tmp_path, [check("a claim that holds", True, 1.0), departing])
-    assert entry["checks_hold"] is False
-    assert [c["holds"] for c in meta["checks"]] == [True, False]
+    assert entry["verdict"] == "departs" and entry["verdicts"] == {"holds": 1, "departs": 1, "inconclusive": 0}
+    assert [c["verdict"] for c in meta["checks"]] == ["holds", "departs"]
     assert meta["checks"][1]["claim"] == "h > 0"
 
 
-def test_claims_that_all_hold_say_so_and_a_figure_without_claims_holds(tmp_path):
+def test_claims_that_all_hold_say_so_and_a_figure_without_claims_says_no_claim(tmp_path):
     entry, meta = _save(tmp_path, [check("h > 0", np.float64(0.3) > 0, np.float64(0.3))])
-    assert entry["checks_hold"] is True and meta["checks"] == [{"claim": "h > 0", "holds": True, "value": 0.3}]
+    assert entry["verdict"] == "holds" and meta["checks"] == [{"claim": "h > 0", "verdict": "holds", "value": 0.3}]
     entry, _ = _save(tmp_path, [], "X-none")
-    assert entry["checks_hold"] is True
+    assert entry["verdict"] == "no claim" and entry["verdicts"] == {"holds": 0, "departs": 0, "inconclusive": 0}
+
+
+@pytest.mark.parametrize("effect, noise, expected", [
+    ([0.3, 0.32, 0.29], None, "holds"),        # mean 0.30, seed std 0.015: far beyond 2 std
+    ([-0.3, -0.32, -0.29], None, "departs"),
+    ([0.1, -0.05, 0.2], None, "inconclusive"),  # mean 0.083 < 2 x std 0.126
+    ([0.3], None, "inconclusive"),              # one seed: the noise is unknown
+    (0.3, 0.1, "holds"),
+    (0.15, 0.1, "inconclusive"),
+    (-0.25, 0.1, "departs"),
+    (0.3, float("nan"), "inconclusive"),
+])
+def test_verdict_weighs_an_effect_against_its_seed_noise(effect, noise, expected):
+    c = verdict("claim", effect, noise)
+    assert c.verdict == expected and (c.holds == (expected == "holds"))
+    assert c.value["effect"] == pytest.approx(np.mean(effect))
+
+
+def test_a_figure_is_as_good_as_its_worst_check():
+    holds, departs, unsure = verdict("a", 1.0, 0.1), verdict("b", -1.0, 0.1), verdict("c", 0.0, 0.1)
+    assert figure_verdict([holds]) == "holds" and figure_verdict([holds, unsure]) == "inconclusive"
+    assert figure_verdict([holds, unsure, departs]) == "departs" and figure_verdict([]) == "no claim"
 
 
 def test_a_rerun_that_departs_replaces_a_holding_entry(tmp_path):
-    assert _save(tmp_path, [check("h > 0", True, 0.3)])[0]["checks_hold"] is True
-    assert _save(tmp_path, [check("h > 0", False, -0.3)])[0]["checks_hold"] is False
+    assert _save(tmp_path, [check("h > 0", True, 0.3)])[0]["verdict"] == "holds"
+    assert _save(tmp_path, [check("h > 0", False, -0.3)])[0]["verdict"] == "departs"
 
 
 def test_every_figure_records_its_provenance(tmp_path):
