@@ -489,7 +489,8 @@ class StackedSAEs(torch.nn.Module):
         if self.topk:
             if self.rescale:
                 hidden_pre = hidden_pre * dec_norm[:, None]
-            acts = batch_topk(torch.where(self.latent_mask[:, None], hidden_pre, 0.0) if padded else hidden_pre, self.k)
+            acts = batch_topk(torch.where(self.latent_mask[:, None], hidden_pre, 0.0) if padded else hidden_pre, self.k,
+                              exact_ties=self.product_dtype != torch.bfloat16)
             decoder = self.W_dec / dec_norm[..., None] if self.rescale else self.W_dec
         else:
             acts = torch.where(self.latent_mask[:, None], hidden_pre.relu(), 0.0) if padded else hidden_pre.relu()
@@ -517,15 +518,6 @@ class StackedSAEs(torch.nn.Module):
             total = total + self.auxk_loss(errors[-1].detach(), hidden_pre, dead, decoder)
         return total, acts
 
-    def _addbmm(self, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``base + alpha * a @ b`` per SAE: one fused ``baddbmm`` in the weights' precision, or
-        with ``precision="bfloat16"`` the product of bfloat16 copies of ``a`` and ``b`` (float32
-        accumulation inside the matmul, its result rounded to bfloat16) added to ``base`` in float32."""
-        if self.product_dtype == torch.bfloat16 and base.dtype != torch.bfloat16:
-            product = torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16))
-            return base.add(product, alpha=alpha) if alpha != 1.0 else base + product
-        return torch.baddbmm(base, a, b, alpha=alpha)
-
     def reconstruction_loss(self, error: torch.Tensor, step: int) -> torch.Tensor:
         """Each SAE's batch-mean reconstruction loss [S] from its errors x - recon [S, B, d]
         (``hedging_utils.variants.reconstruction_loss``)."""
@@ -551,7 +543,7 @@ class StackedSAEs(torch.nn.Module):
         keep = torch.arange(top.values.shape[-1]) < torch.clamp(num_dead, max=k_aux)[:, None]
         values = torch.where(keep[:, None, :], top.values, 0.0)
         aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
-        error = torch.linalg.vector_norm(self._addbmm(residual, aux_acts, decoder, alpha=-1.0), dim=-1).pow(2).mean(dim=1)
+        error = torch.linalg.vector_norm(_addbmm(residual, aux_acts, decoder, alpha=-1.0, dtype=self.product_dtype), dim=-1).pow(2).mean(dim=1)
         coefficient = float(getattr(self.saes[0].cfg, "aux_loss_coefficient", 1.0))
         return coefficient * scale * error
 
@@ -581,6 +573,17 @@ class StackedSAEs(torch.nn.Module):
         return out
 
 
+def _addbmm(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``base + alpha * a @ b`` per SAE: one fused ``baddbmm`` in the tensors' precision, or with
+    ``dtype`` bfloat16 (and a float32 ``base``) the product of bfloat16 copies of ``a`` and ``b``
+    (float32 accumulation inside the matmul, its result rounded to bfloat16) added to ``base`` in
+    float32. Every product of the stacked loss goes through here."""
+    if dtype == torch.bfloat16 and base.dtype != torch.bfloat16:
+        return base.add(torch.bmm(a.to(dtype), b.to(dtype)), alpha=alpha)
+    return torch.baddbmm(base, a, b, alpha=alpha)
+
+
 class _Encode(torch.autograd.Function):
     """hidden_pre = (x - a b_dec) W_enc + b_enc per SAE [S, B, L], with its gradient in closed
     form: b_dec's gradient comes from the batch sum of the upstream gradient times W_enc^T (one
@@ -593,15 +596,11 @@ class _Encode(torch.autograd.Function):
         sae_in = x - apply_b_dec * b_dec[:, None] if apply_b_dec else x
         low = dtype == torch.bfloat16 and x.dtype != torch.bfloat16
         a, w = (sae_in.to(dtype), W_enc.to(dtype)) if low else (sae_in, W_enc)
+        product = dtype if low else None
         if W_enc.shape[-1] < W_enc.shape[1]:  # narrow SAEs: (W_enc^T sae_in^T)^T is several times faster
-            if low:
-                hidden_pre = torch.add(b_enc[:, :, None], torch.bmm(w.transpose(1, 2), a.transpose(1, 2))).transpose(1, 2)
-            else:
-                hidden_pre = torch.baddbmm(b_enc[:, :, None], w.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-        elif low:
-            hidden_pre = torch.add(b_enc[:, None], torch.bmm(a, w))
+            hidden_pre = _addbmm(b_enc[:, :, None], w.transpose(1, 2), a.transpose(1, 2), dtype=product).transpose(1, 2)
         else:
-            hidden_pre = torch.baddbmm(b_enc[:, None], a, w)
+            hidden_pre = _addbmm(b_enc[:, None], a, w, dtype=product)
         ctx.save_for_backward(a, W_enc)
         ctx.apply_b_dec, ctx.low = apply_b_dec, low
         return hidden_pre
@@ -634,10 +633,7 @@ class _NestedErrors(torch.autograd.Function):
         a, w = (acts.to(dtype), decoder.to(dtype)) if low else (acts, decoder)
         errors, error, start = [], base, 0
         for width in widths:
-            if low:
-                error = error - torch.bmm(a[:, :, start:width], w[:, start:width])
-            else:
-                error = torch.baddbmm(error, a[:, :, start:width], w[:, start:width], alpha=-1.0)
+            error = _addbmm(error, a[:, :, start:width], w[:, start:width], alpha=-1.0, dtype=dtype if low else None)
             errors.append(error)
             start = width
         ctx.save_for_backward(a, w)
@@ -668,12 +664,16 @@ class _NestedErrors(torch.autograd.Function):
         return grad_base, grad_acts.neg_(), grad_dec.neg_(), None, None, None
 
 
-def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Tensor:
+def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float], exact_ties: bool = True) -> torch.Tensor:
     """SAELens' BatchTopK for each SAE of a stack: keep the k * B largest ReLU activations of
     each SAE's batch [B, d_sae] and zero the rest. They are found with a k-th value threshold,
-    which is faster than ``topk``; an SAE whose batch ties at the threshold (identical inputs
-    give identical activations) takes SAELens' own ``topk`` selection instead, so that exactly
-    k * B entries are kept, the same ones. ``k``: one for every SAE, or one per SAE."""
+    which is faster than ``topk``. When a batch ties at the threshold, exactly k * B entries are
+    still kept: with ``exact_ties`` the same ones as SAELens' own ``topk`` selection (needed where
+    the stack must match SAELens' trainer: identical toy inputs give identical activations),
+    otherwise the tied entries that come first in the batch. bfloat16 products round the
+    activations to 8 significant bits, so their batches tie at the threshold at almost every
+    step, where ``topk`` over the whole batch would cost more than the rest of the step.
+    ``k``: one for every SAE, or one per SAE."""
     acts = hidden_pre.relu()
     flat = acts.flatten(1)
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(flat)
@@ -687,9 +687,13 @@ def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float]) -> torch.Te
                 rows = torch.tensor([i for i, v in enumerate(wanted) if v == value])
                 threshold[rows] = flat[rows].kthvalue(flat.shape[1] - value + 1, dim=1).values
         keep = flat >= threshold[:, None]
-        tied = (keep.sum(dim=1) > torch.tensor(wanted, device=flat.device)).nonzero().flatten().tolist()
-        for i in tied:
-            keep[i] = torch.zeros_like(keep[i]).scatter(-1, flat[i].topk(wanted[i], dim=-1).indices, True)
+        excess = keep.sum(dim=1) - torch.tensor(wanted, device=flat.device)
+        for i in (excess > 0).nonzero().flatten().tolist():
+            if exact_ties:
+                keep[i] = torch.zeros_like(keep[i]).scatter(-1, flat[i].topk(wanted[i], dim=-1).indices, True)
+            else:  # drop the last of the entries at the threshold
+                at = (flat[i] == threshold[i]).nonzero().flatten()
+                keep[i, at[len(at) - int(excess[i]):]] = False
     return torch.where(keep, flat, 0.0).view_as(acts)
 
 

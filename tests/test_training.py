@@ -256,6 +256,22 @@ def test_batch_topk_keeps_exactly_k_per_input_when_activations_tie():
     assert int((batch_topk(hidden_pre, 1.0)[0] > 0).sum()) == 3
 
 
+
+def test_batch_topk_without_exact_ties_keeps_k_per_input_the_first_tied_entries():
+    """bfloat16 stacks break ties by position: still exactly k * B entries, every entry above the
+    threshold, and of the entries at it the first ones in the batch."""
+    from hedging_utils.training import batch_topk
+    row = torch.tensor([3.0, 2.0, 2.0, 0.5])
+    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), torch.randn(3, 4)])
+    ours = batch_topk(hidden_pre, 1.0, exact_ties=False)  # SAE 0: 3.0, 3.0, then one of four 2.0s
+    assert [int((a > 0).sum()) for a in ours] == [3, 3]
+    assert ours[0].flatten().nonzero().flatten().tolist() == [0, 1, 4]
+    exact = batch_topk(hidden_pre, 1.0)
+    assert torch.equal(ours[1], exact[1]) and (ours[0] > 0).sum() == (exact[0] > 0).sum()
+    # with no tie both rules keep the same entries
+    untied = torch.randn(2, 5, 7)
+    assert torch.equal(batch_topk(untied, 2.0, exact_ties=False), batch_topk(untied, 2.0))
+
 def _counting_training(monkeypatch):
     """Wrap ``train_together`` so that a test sees which SAEs were trained (not loaded from the cache)."""
     from hedging_utils import training
