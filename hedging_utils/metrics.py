@@ -253,14 +253,15 @@ def replicate_noise(first: Any, second: Any) -> float:
     their seed (e.g. the cosines of the same toy SAE trained with seeds 0 and 1).
 
     ``first`` and ``second`` hold the same measurements, in the same order. Each difference
-    has variance 2σ², so each |difference| / sqrt(2) estimates σ; we return the largest, a
-    conservative noise for any one of the measurements (the typical one moves less). Pairs with
-    a NaN are left out; with none left the noise is NaN (unknown)."""
+    has variance 2σ², so the pooled estimate is sqrt(mean(difference²) / 2): the typical
+    measurement's seed std (large, hedged cosines move more than it, near-zero ones less).
+    Pairs with a NaN are left out; with none left the noise is NaN (unknown)."""
     a, b = (np.asarray(v, dtype=float).ravel() for v in (first, second))
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"replicate_noise needs the same, non-empty measurements from both runs; got {a.size} and {b.size}")
-    diff = np.abs(a - b)
-    return float(np.nanmax(diff) / np.sqrt(2.0)) if np.isfinite(diff).any() else float("nan")
+    diff = a - b
+    diff = diff[np.isfinite(diff)]
+    return float(np.sqrt(np.mean(diff**2) / 2.0)) if diff.size else float("nan")
 
 
 def interior_optimum(frame: pd.DataFrame, x: str, metric: str, *, higher_is_better: bool) -> dict[str, Any]:
