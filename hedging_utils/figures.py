@@ -75,7 +75,7 @@ def check(claim: str, holds: bool, value: Any = None) -> Check:
     return c
 
 
-def verdict(claim: str, effect: Any, noise: Any = None, *, n_sigma: float = 2.0) -> Check:
+def verdict(claim: str, effect: Any, noise: Any = None, *, n_sigma: float = 2.0, detail: Any = None) -> Check:
     """Record (and print) a claim about an effect, weighed against its seed noise.
 
     ``effect``: the effect, signed so that the claim's direction is positive, either one number
@@ -83,7 +83,10 @@ def verdict(claim: str, effect: Any, noise: Any = None, *, n_sigma: float = 2.0)
     not given, is their standard deviation across seeds, ddof 1, and the effect their mean).
     The claim *holds* when effect > ``n_sigma`` × noise, *departs* when effect < -``n_sigma`` ×
     noise, and is *inconclusive* otherwise, and whenever the noise is unknown (fewer than two
-    seeds, or NaN)."""
+    seeds, or NaN). ``detail``: the numbers the effect is computed from, recorded beside it.
+
+    A claim with a stated threshold ("x > t") passes ``x - t`` as its effect, so the threshold
+    stays the claim and the noise decides only how far from it the run must land."""
     import numpy as np
 
     values = np.atleast_1d(np.asarray(effect, dtype=float))
@@ -99,7 +102,8 @@ def verdict(claim: str, effect: Any, noise: Any = None, *, n_sigma: float = 2.0)
         outcome = DEPARTS
     else:
         outcome = INCONCLUSIVE
-    value = {"effect": mean, "noise": noise, "n_sigma": n_sigma, "seeds": int(values.size) if values.size > 1 else None}
+    value = {"effect": mean, "noise": noise, "n_sigma": n_sigma, "seeds": int(values.size) if values.size > 1 else None,
+             "detail": detail}
     c = Check(claim, outcome, _jsonable({k: v for k, v in value.items() if v is not None}))
     print(c)
     return c

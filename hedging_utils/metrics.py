@@ -248,6 +248,22 @@ def numeric_values(values: pd.Series) -> pd.Series:
     return pd.to_numeric(values, errors="coerce")
 
 
+def replicate_noise(first: Any, second: Any) -> float:
+    """The seed standard deviation of a set of measurements, from two runs that differ only in
+    their seed (e.g. the cosines of the same toy SAE trained with seeds 0 and 1).
+
+    ``first`` and ``second`` hold the same measurements, in the same order. Each difference
+    has variance 2σ², so the pooled estimate is sqrt(mean(difference²) / 2): the typical
+    measurement's seed std (large, hedged cosines move more than it, near-zero ones less).
+    Pairs with a NaN are left out; with none left the noise is NaN (unknown)."""
+    a, b = (np.asarray(v, dtype=float).ravel() for v in (first, second))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"replicate_noise needs the same, non-empty measurements from both runs; got {a.size} and {b.size}")
+    diff = a - b
+    diff = diff[np.isfinite(diff)]
+    return float(np.sqrt(np.mean(diff**2) / 2.0)) if diff.size else float("nan")
+
+
 def interior_optimum(frame: pd.DataFrame, x: str, metric: str, *, higher_is_better: bool) -> dict[str, Any]:
     """Whether an intermediate value of ``x`` beats both ends on ``metric`` (paper §5: a balance
     multiplier between 0 and 1 against the standard and the matryoshka SAE).

@@ -117,6 +117,15 @@ def test_verdict_weighs_an_effect_against_its_seed_noise(effect, noise, expected
     assert c.value["effect"] == pytest.approx(np.mean(effect))
 
 
+def test_verdict_records_its_detail_and_a_threshold_claim_passes_its_distance():
+    # "x > 0.1" with x = 0.13 and seed noise 0.01: the effect is x - 0.1 = 0.03 > 2 x 0.01
+    c = verdict("x > 0.1", 0.13 - 0.1, 0.01, detail={"x": 0.13})
+    assert c.verdict == "holds" and c.value["detail"] == {"x": 0.13}
+    assert verdict("x > 0.1", 0.11 - 0.1, 0.01).verdict == "inconclusive"  # within noise of the threshold
+    assert verdict("x > 0.1", 0.07 - 0.1, 0.01).verdict == "departs"
+    assert "detail" not in verdict("x > 0.1", 0.03, 0.01).value
+
+
 def test_a_figure_is_as_good_as_its_worst_check():
     holds, departs, unsure = verdict("a", 1.0, 0.1), verdict("b", -1.0, 0.1), verdict("c", 0.0, 0.1)
     assert figure_verdict([holds]) == "holds" and figure_verdict([holds, unsure]) == "inconclusive"

@@ -2,7 +2,7 @@ import pytest
 
 import numpy as np
 
-from hedging_utils.metrics import hedging_degree_from_decoders, projection_norms, zero_crossing
+from hedging_utils.metrics import hedging_degree_from_decoders, projection_norms, replicate_noise, zero_crossing
 
 
 def test_zero_crossing_interpolates_between_samples():
@@ -195,3 +195,17 @@ def test_pareto_gap_interpolates_the_reference_curve_at_each_point():
     assert gaps.loc[("snap", 30), "gap"] == pytest.approx(0.65 - 0.7)
     assert np.isnan(gaps.loc[("l2", 50), "gap"])  # beyond the reference curve
     assert "mse" not in gaps.index.get_level_values("loss")
+
+
+def test_replicate_noise_is_the_pooled_seed_std_of_two_runs():
+    assert replicate_noise([0.1, 0.5, -0.2], [0.1, 0.44, -0.28]) == pytest.approx(np.sqrt((0.06**2 + 0.08**2) / 3 / 2))
+    assert replicate_noise([0.3, float("nan")], [0.2, 0.1]) == pytest.approx(0.1 / np.sqrt(2))  # NaN pairs left out
+    assert np.isnan(replicate_noise([float("nan")], [0.1]))
+    rng = np.random.default_rng(0)  # two runs with seed noise 0.01 on 400 measurements: the estimate is 0.01
+    truth = rng.standard_normal(400)
+    assert replicate_noise(truth + 0.01 * rng.standard_normal(400), truth + 0.01 * rng.standard_normal(400)) == pytest.approx(0.01, rel=0.15)
+
+
+def test_replicate_noise_refuses_mismatched_runs():
+    with pytest.raises(ValueError, match="same, non-empty"):
+        replicate_noise([0.1, 0.2], [0.1])
