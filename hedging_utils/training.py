@@ -644,7 +644,11 @@ class _NestedErrors(torch.autograd.Function):
     def backward(ctx, *grads):  # type: ignore[override]
         a, w = ctx.saved_tensors
         present = [g for g in grads if g is not None]
-        grad_base = torch.stack(present).sum(dim=0) if len(present) > 1 else present[0]
+        grad_base = present[0]
+        if len(present) > 1:  # summed in place: stacking the levels' errors would copy them all
+            grad_base = grad_base.clone()
+            for g in present[1:]:
+                grad_base += g
         grad_acts = a.new_zeros(a.shape, dtype=ctx.dtypes[0]) if len(present) < len(grads) else a.new_empty(a.shape, dtype=ctx.dtypes[0])
         grad_dec = w.new_zeros(w.shape, dtype=ctx.dtypes[1]) if len(present) < len(grads) else w.new_empty(w.shape, dtype=ctx.dtypes[1])
         starts = [0, *ctx.widths[:-1]]
