@@ -12,6 +12,9 @@ TORCH ?= torch==2.13.0
 # evaluations run with this environment's versions, so it is installed without its dependencies
 # (the ones it needs, scikit-learn, threadpoolctl and tabulate, are in pyproject.toml).
 SAE_BENCH ?= sae-bench==0.6.0
+# sae-probes ships part of the offline corpus' text (data/corpus.toml); it declares xgboost, hf-transfer
+# and pyarrow<26, none of which reading its data files needs, so it too installs without them.
+SAE_PROBES ?= sae-probes==0.4.2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pip install --quiet --no-deps $(SAE_BENCH)
+	$(BIN)/python -m pip install --quiet --no-deps $(SAE_BENCH) $(SAE_PROBES)
 	touch $@
 
 figures: env

