@@ -50,14 +50,13 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-import tqdm as tqdm_text
-import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
 from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry, source_hash
 from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
+from hedging_utils.progress import TEXT_PROGRESS_ENV, library_bar, progress_bar, took  # noqa: F401 (TEXT_PROGRESS_ENV re-exported)
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
 TRAINING_SOURCES = ("training", "precision", "variants", "toys")
@@ -75,9 +74,6 @@ def training_code_version() -> str:
 
 DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
 
-TEXT_PROGRESS_ENV = "HEDGING_TEXT_PROGRESS"
-"""Set (by the headless runner) to draw progress bars as text, which a log keeps; otherwise a
-notebook gets widget bars."""
 
 DEVICE_ENV = "HEDGING_DEVICE"
 """The torch device of stacked training (``cpu``, ``cuda``, ``cuda:1``...); unset: CUDA if present."""
@@ -389,8 +385,8 @@ def train_together(
             trained = [train_with_sae_lens(job, settings, progress=progress) for job in group]
         out.update(zip(names, trained))
         if progress:
-            print(f"  trained {label} ({settings.steps:,} steps of {settings.batch_size}) in "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+            print(f"  trained {label} ({settings.steps:,} steps of {settings.batch_size})"
+                  f"{took(start, f'trained {label}')}", flush=True)
     return out
 
 
@@ -722,8 +718,7 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
 
 
 def _progress_bar(settings: TrainSettings, label: str | None) -> Any:
-    progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
-    return progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+    return progress_bar(settings.steps, label, unit="step", disable=label is None, summarise=False)  # train_together prints one
 
 
 # ---------------------------------------------------------------------------------------
@@ -1028,8 +1023,7 @@ def seeded(seed: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _tqdm_disabled(disabled: bool) -> Iterator[None]:
     original = sae_trainer_module.tqdm
-    if disabled:
-        sae_trainer_module.tqdm = functools.partial(original, disable=True)
+    sae_trainer_module.tqdm = functools.partial(original, disable=True) if disabled else library_bar(original)
     try:
         yield
     finally:
