@@ -583,7 +583,7 @@ def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shard
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(len(missing) * shard_sequences * context_size, f"cached {spec.name} layers {layers}", unit="token",
-                       disable=not progress)
+                       disable=not progress, summarise=False)  # headless: a rerun from the cache prints the same
     written = 0
     start = time.perf_counter()
     for i in range(n_shards):

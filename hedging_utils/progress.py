@@ -95,10 +95,11 @@ def library_bar(original: Any) -> Any:
 
 def took(start: float, what: str = "") -> str:
     """`` in 12.3s`` since ``start`` (a ``time.perf_counter()``) for a printed line, interactively;
-    in a headless run the timing goes to the log (with ``what``) and the line gets ``""``."""
+    in a headless run the line gets ``""`` and the timing goes to the log if ``what`` names it."""
     seconds = time.perf_counter() - start
     if progress_log():
-        log(f"{what or 'took'}: {seconds:.1f}s")
+        if what:
+            log(f"{what}: {seconds:.1f}s")
         return ""
     return f" in {seconds:.1f}s" if seconds < 10 else f" in {seconds:.0f}s"
 

@@ -56,7 +56,7 @@ import sae_lens.training.sae_trainer as sae_trainer_module
 from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry, source_hash
 from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.progress import TEXT_PROGRESS_ENV, library_bar, progress_bar, took  # noqa: F401 (TEXT_PROGRESS_ENV re-exported)
+from hedging_utils.progress import TEXT_PROGRESS_ENV, library_bar, log, progress_bar, progress_log  # noqa: F401 (TEXT_PROGRESS_ENV re-exported)
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
 TRAINING_SOURCES = ("training", "precision", "variants", "toys")
@@ -291,6 +291,8 @@ def train_saes(
     """
     for name, job in jobs.items():
         check_steps(job.sae, settings.steps)
+    if progress and progress_log():  # headless: one line per sweep, the same whether it trains or loads
+        print(f"  {_describe(list(jobs), list(jobs.values()))}: {settings.steps:,} steps of {settings.batch_size}", flush=True)
     if not cache:
         return train_together(jobs, settings, progress=progress)
     executor = Executor(executor) if isinstance(executor, str) else executor or Executor.from_env()
@@ -385,8 +387,11 @@ def train_together(
             trained = [train_with_sae_lens(job, settings, progress=progress) for job in group]
         out.update(zip(names, trained))
         if progress:
-            print(f"  trained {label} ({settings.steps:,} steps of {settings.batch_size})"
-                  f"{took(start, f'trained {label}')}", flush=True)
+            line = f"  trained {label} ({settings.steps:,} steps of {settings.batch_size}) in {time.perf_counter() - start:.1f}s"
+            if progress_log():
+                log(line)  # headless: train_saes printed the sweep's line, without timing
+            else:
+                print(line, flush=True)
     return out
 
 
@@ -976,8 +981,8 @@ def _cfg_key(sae: TrainingSAE[Any]) -> dict[str, Any]:
 
 def _describe(names: Sequence[str], jobs: Sequence[Job]) -> str:
     first = jobs[0].label or names[0]
-    arch = jobs[0].sae.cfg.architecture()
-    return first if len(jobs) == 1 else f"{len(jobs)} {arch} SAEs ({first}, ...)"
+    archs = {job.sae.cfg.architecture() for job in jobs}
+    return first if len(jobs) == 1 else f"{len(jobs)} {' '.join(archs) + ' ' if len(archs) == 1 else ''}SAEs ({first}, ...)"
 
 
 # ---------------------------------------------------------------------------------------

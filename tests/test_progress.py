@@ -92,3 +92,21 @@ def test_echo_copies_the_log_as_it_grows(tmp_path):
         f.write("done\n")
     stop()
     assert out.getvalue() == "a bar at 50%\ndone\n"
+
+
+def test_a_headless_sweep_prints_the_same_line_whether_it_trains_or_loads(tmp_path, monkeypatch):
+    from hedging_utils.toys import ToySetting, toy_job
+    from hedging_utils.training import TrainSettings, train_saes
+
+    monkeypatch.setenv(PROGRESS_LOG_ENV, str(tmp_path / "progress.log"))
+    toy = ToySetting([0.25, 0.2], d_model=8)
+    jobs = {w: toy_job(toy, w, batch_size=50, seed=0, label=f"X width {w}") for w in (1, 2)}
+    settings = TrainSettings(steps=20, batch_size=50)
+    lines = []
+    for _ in range(2):  # trained, then loaded from the cache
+        out = io.StringIO()
+        with redirect_stdout(out):
+            train_saes(jobs, settings)
+        lines.append(out.getvalue())
+    assert lines[0] == lines[1] == "  2 standard SAEs (X width 1, ...): 20 steps of 50\n"
+    assert "trained 2 standard SAEs (X width 1, ...) (20 steps of 50) in " in (tmp_path / "progress.log").read_text()
