@@ -41,7 +41,7 @@ def normalize(nb: Any, roots: Sequence[str | Path] | None = None) -> Any:
     """``nb`` (an ``nbformat`` notebook, changed in place and returned) with what differs between
     two runs of the same numbers removed: papermill's and nbclient's metadata (timestamps,
     durations, input and output paths), widget state, execution counts renumbered 1, 2, ... in
-    cell order, papermill's injected cell given a fixed id, and the paths in ``roots`` (default:
+    cell order, consecutive stream outputs merged (the kernel splits them where its flushes fell), papermill's injected cell given a fixed id, and the paths in ``roots`` (default:
     the repository and the Python environment) cut from every text output."""
     roots = [str(r) for r in (roots if roots is not None else (REPO_ROOT, Path(sys.prefix)))]
     for key in _NOTEBOOK_METADATA_DROPPED:
@@ -57,6 +57,7 @@ def normalize(nb: Any, roots: Sequence[str | Path] | None = None) -> Any:
         if cell.get("execution_count") is not None or cell.outputs:
             count += 1
             cell.execution_count = count
+        cell.outputs = _merge_streams(cell.outputs)
         for output in cell.outputs:
             if "execution_count" in output:
                 output.execution_count = cell.execution_count
@@ -66,6 +67,18 @@ def normalize(nb: Any, roots: Sequence[str | Path] | None = None) -> Any:
                 if mime.startswith("text/") and isinstance(value, str):
                     output.data[mime] = _strip_paths(value, roots)
     return nb
+
+
+def _merge_streams(outputs: list[Any]) -> list[Any]:
+    """Consecutive stream outputs of one name as one (the kernel splits them where its flushes fell)."""
+    merged: list[Any] = []
+    for output in outputs:
+        if (output.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                and merged[-1].name == output.name):
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def _strip_paths(text: str, roots: Sequence[str]) -> str:

@@ -46,6 +46,11 @@ def test_normalize_removes_what_differs_between_runs_of_the_same_numbers(tmp_pat
     assert (params.execution_count, cell.execution_count, cell.outputs[2].execution_count) == (1, 2, 2)
     assert params["id"] == "injected-parameters" and params.metadata == {"tags": ["injected-parameters"]}
     assert "saved P6: figures/P6.png" in cell.outputs[0].text and "/somewhere" not in nbformat.writes(first)
+    split = _executed(tmp_path)
+    text = split.cells[2].outputs[0].text
+    split.cells[2].outputs[0:1] = [nbformat.v4.new_output("stream", name="stdout", text=text[:10]),
+                                   nbformat.v4.new_output("stream", name="stdout", text=text[10:])]
+    assert nbformat.writes(normalize(split, roots=["/somewhere/repo"])) == nbformat.writes(first)  # flushes fell elsewhere
     changed = normalize(_executed(tmp_path, png="iVBORw0KGgoX"), roots=["/somewhere/repo"])
     assert nbformat.writes(changed) != nbformat.writes(first)  # a changed figure still shows
 
