@@ -2,9 +2,11 @@
 
 In JupyterLab a sweep shows a widget bar (``tqdm.auto``). The headless runner
 (``python -m hedging_utils.figures``, what ``make figures`` runs) sets ``$HEDGING_PROGRESS_LOG``
-to a log file: every bar is drawn as text into that file (the runner echoes it to its own
-output), and the notebook keeps one summary line per bar (what ran and how many steps), and no
-timing, so that an executed notebook whose numbers did not change is byte-identical on a rerun.
+to a log file: every bar, and every timing, is drawn as text into that file (the runner echoes
+it to its stderr), and the notebook keeps one line per sweep (``training.train_saes`` prints
+what it trains and how many steps, the same whether the SAEs train or load from the cache; a
+bar of its own prints ``summary``), so that an executed notebook whose numbers did not change
+is byte-identical on a rerun.
 A kernel's own stderr cannot serve as that log: ipykernel copies whatever the process writes
 to its file descriptors into the notebook's outputs.
 """
