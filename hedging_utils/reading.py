@@ -33,6 +33,10 @@ HTML_DIR = REPO_ROOT / "build" / "html"
 MAX_NOTEBOOK_BYTES = 5_000_000
 """An executed notebook larger than this (its inline figures, mostly) is refused by ``publish``."""
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+"""A widget's output: in a headless run a library's ``tqdm.auto`` bar; its state is not saved,
+so a reader would see "Error displaying widget", and its model id changes every run."""
+
 _CELL_METADATA_DROPPED = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
 _NOTEBOOK_METADATA_DROPPED = ("papermill", "widgets")
 
@@ -41,7 +45,7 @@ def normalize(nb: Any, roots: Sequence[str | Path] | None = None) -> Any:
     """``nb`` (an ``nbformat`` notebook, changed in place and returned) with what differs between
     two runs of the same numbers removed: papermill's and nbclient's metadata (timestamps,
     durations, input and output paths), widget state, execution counts renumbered 1, 2, ... in
-    cell order, consecutive stream outputs merged (the kernel splits them where its flushes fell), papermill's injected cell given a fixed id, and the paths in ``roots`` (default:
+    cell order, widget outputs (a library's progress bar) dropped, consecutive stream outputs merged (the kernel splits them where its flushes fell), papermill's injected cell given a fixed id, and the paths in ``roots`` (default:
     the repository and the Python environment) cut from every text output."""
     roots = [str(r) for r in (roots if roots is not None else (REPO_ROOT, Path(sys.prefix)))]
     for key in _NOTEBOOK_METADATA_DROPPED:
@@ -57,7 +61,7 @@ def normalize(nb: Any, roots: Sequence[str | Path] | None = None) -> Any:
         if cell.get("execution_count") is not None or cell.outputs:
             count += 1
             cell.execution_count = count
-        cell.outputs = _merge_streams(cell.outputs)
+        cell.outputs = _merge_streams([o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})])
         for output in cell.outputs:
             if "execution_count" in output:
                 output.execution_count = cell.execution_count
@@ -119,7 +123,7 @@ def printed_text(nb: Any) -> str:
             if output.output_type == "stream" and output.name == "stdout":
                 parts.append(output.text)
             elif "text/plain" in output.get("data", {}):
-                parts.append(output.data["text/plain"])
+                parts.append(output.data["text/plain"] + "\n")  # a display has no newline of its own
     return "".join(parts)
 
 
