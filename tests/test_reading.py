@@ -2,14 +2,13 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import nbformat
 import pytest
 
 from hedging_utils.figures import Check
 from hedging_utils.profiles import REPO_ROOT, ParameterError
-from hedging_utils.reading import (EXECUTED_DIR, executed_notebooks, export_html, normalize, printed_text, publish,
+from hedging_utils.reading import (EXECUTED_DIR, export_html, normalize, printed_text, publish,
                                    unmatched_checks, verdict_rows)
 
 FIGURES = REPO_ROOT / "figures"
