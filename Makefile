@@ -2,6 +2,8 @@
 #   make figures   create .venv if needed, then regenerate every figure (PROFILE=small by default)
 #   make test      unit tests + notebook validation (nbval) on the fast `ci` profile (its own cache, data/cache/ci)
 #   make lab       open JupyterLab on the notebooks
+#   make html      render the executed notebooks (notebooks/executed/) and a figure/verdict index to build/html/
+#   make browser-check  screenshots of build/html and JupyterLab running notebook 01 on ci, in headless Chromium
 #   make benchmark toy training (SAELens one at a time vs batched), activation caching and LLM SAE training in float32 and bfloat16, against this machine's matmul speed
 PYTHON ?= python3
 PROFILE ?= small
@@ -18,7 +20,7 @@ SAE_PROBES ?= sae-probes==0.4.2
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: env figures test unit notebooks lab benchmark clean-cache
+.PHONY: env figures test unit notebooks lab html browser-check benchmark clean-cache
 
 env: $(VENV)/.installed
 
@@ -39,7 +41,7 @@ unit: env
 	$(BIN)/python -m pytest -q tests
 
 notebooks: env
-	HEDGING_PROFILE=ci HEDGING_CACHE_DIR=$(CURDIR)/data/cache/ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+	HEDGING_PROFILE=ci HEDGING_CACHE_DIR=$(CURDIR)/data/cache/ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 benchmark: env
 	$(BIN)/python benchmarks/toy_training.py
@@ -49,6 +51,12 @@ benchmark: env
 
 lab: env
 	$(BIN)/jupyter lab notebooks
+
+html: env
+	$(BIN)/python -m hedging_utils.reading html
+
+browser-check: html
+	$(BIN)/python -m hedging_utils.browser_check
 
 clean-cache:
 	rm -rf data/cache

@@ -34,7 +34,7 @@ import pandas as pd
 
 from hedging_utils.cache import source_hash
 from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, figures_dir, resolve_profile
-from hedging_utils.training import TEXT_PROGRESS_ENV
+from hedging_utils.progress import PROGRESS_LOG_ENV, echo
 
 MANIFEST = "manifest.json"
 
@@ -285,21 +285,38 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
         raise ParameterError(f"no notebook starts with {list(only)}; the notebooks are {[nb.name for nb in notebooks()]}.")
     parameters = dict(parameters or {})
     check_parameters(todo, parameters)
-    os.environ.setdefault(TEXT_PROGRESS_ENV, "1")  # progress bars as text, so the log shows them
+    from hedging_utils.reading import EXECUTED_DIR, publish
+
     out = Path(out_dir) if out_dir is not None else REPO_ROOT / "build" / "notebooks" / resolved.name
     out.mkdir(parents=True, exist_ok=True)
+    log = out / "progress.log"
+    log.write_text("")
+    previous = os.environ.get(PROGRESS_LOG_ENV)
+    os.environ[PROGRESS_LOG_ENV] = str(log)  # the kernels inherit it: bars into the log, one line in the notebook
+    published = figures_dir(resolved) == REPO_ROOT / "figures"
     timings = {}
-    for i, nb in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {nb.name} (profile {resolved.name})", flush=True)
-        start = time.perf_counter()
-        pm.execute_notebook(
-            str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
-            cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
-        )
-        timings[nb.name] = round(time.perf_counter() - start, 1)
-        print(f"[{i}/{len(todo)}] {nb.name} done in {timings[nb.name]:.0f}s", flush=True)
+    stop_echo = echo(log)
+    try:
+        for i, nb in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {nb.name} (profile {resolved.name})", flush=True)
+            start = time.perf_counter()
+            pm.execute_notebook(
+                str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
+                cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
+            )
+            timings[nb.name] = round(time.perf_counter() - start, 1)
+            if published:
+                size = publish(out / nb.name, EXECUTED_DIR / nb.name)
+                print(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}", flush=True)
+            print(f"[{i}/{len(todo)}] {nb.name} done in {timings[nb.name]:.0f}s", flush=True)
+    finally:
+        stop_echo()
+        if previous is None:
+            os.environ.pop(PROGRESS_LOG_ENV, None)
+        else:
+            os.environ[PROGRESS_LOG_ENV] = previous
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
-    print(f"figures in {figures_dir(resolved)}; executed notebooks in {out}")
+    print(f"figures in {figures_dir(resolved)}; executed notebooks in {out}" + (f" and {EXECUTED_DIR}" if published else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -486,7 +486,8 @@ def cache_activations(
 def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shards, missing, dirs, model_batch_sequences,
                     device, precision, loaded_model, progress, stop_after) -> None:
     from sae_lens.training.activations_store import ActivationsStore
-    from tqdm.auto import tqdm
+
+    from hedging_utils.progress import progress_bar, progress_log, log
 
     model = loaded_model if loaded_model is not None else load_model(spec.name, device)
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
@@ -498,8 +499,8 @@ def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shard
     )
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(missing) * shard_sequences * context_size, unit="tok", desc=f"caching {spec.name} layers {layers}",
-               disable=not progress)
+    bar = progress_bar(len(missing) * shard_sequences * context_size, f"cached {spec.name} layers {layers}", unit="token",
+                       disable=not progress, summarise=False)  # headless: a rerun from the cache prints the same
     written = 0
     start = time.perf_counter()
     for i in range(n_shards):
@@ -521,8 +522,12 @@ def _compute_shards(spec, layers, corpus, context_size, shard_sequences, n_shard
     bar.close()
     if progress:
         elapsed = time.perf_counter() - start
-        print(f"cached {written * shard_sequences * context_size:,} tokens in {elapsed:.0f}s "
-              f"({written * shard_sequences * context_size / elapsed:,.0f} tok/s)", flush=True)
+        line = (f"cached {written * shard_sequences * context_size:,} tokens in {elapsed:.0f}s "
+                f"({written * shard_sequences * context_size / elapsed:,.0f} tok/s)")
+        if progress_log():
+            log(line)  # headless: the notebook keeps the bar's summary line, and no timing
+        else:
+            print(line, flush=True)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -50,14 +50,13 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.saes.standard_sae import StandardTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
-import tqdm as tqdm_text
-import tqdm.auto as tqdm_auto
 
 import sae_lens.training.sae_trainer as sae_trainer_module
 
 from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry, source_hash
 from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
+from hedging_utils.progress import TEXT_PROGRESS_ENV, library_bar, log, progress_bar, progress_log  # noqa: F401 (TEXT_PROGRESS_ENV re-exported)
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
 TRAINING_SOURCES = ("training", "precision", "variants", "toys")
@@ -75,9 +74,6 @@ def training_code_version() -> str:
 
 DEAD_FEATURE_WINDOW = 1000  # SAELens' default: steps without firing before a latent counts as dead
 
-TEXT_PROGRESS_ENV = "HEDGING_TEXT_PROGRESS"
-"""Set (by the headless runner) to draw progress bars as text, which a log keeps; otherwise a
-notebook gets widget bars."""
 
 DEVICE_ENV = "HEDGING_DEVICE"
 """The torch device of stacked training (``cpu``, ``cuda``, ``cuda:1``...); unset: CUDA if present."""
@@ -295,6 +291,8 @@ def train_saes(
     """
     for name, job in jobs.items():
         check_steps(job.sae, settings.steps)
+    if progress and progress_log():  # headless: one line per sweep, the same whether it trains or loads
+        print(f"  {_describe(list(jobs), list(jobs.values()))}: {settings.steps:,} steps of {settings.batch_size}", flush=True)
     if not cache:
         return train_together(jobs, settings, progress=progress)
     executor = Executor(executor) if isinstance(executor, str) else executor or Executor.from_env()
@@ -389,8 +387,11 @@ def train_together(
             trained = [train_with_sae_lens(job, settings, progress=progress) for job in group]
         out.update(zip(names, trained))
         if progress:
-            print(f"  trained {label} ({settings.steps:,} steps of {settings.batch_size}) in "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+            line = f"  trained {label} ({settings.steps:,} steps of {settings.batch_size}) in {time.perf_counter() - start:.1f}s"
+            if progress_log():
+                log(line)  # headless: train_saes printed the sweep's line, without timing
+            else:
+                print(line, flush=True)
     return out
 
 
@@ -730,8 +731,7 @@ def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | No
 
 
 def _progress_bar(settings: TrainSettings, label: str | None) -> Any:
-    progress_bar = tqdm_text.tqdm if os.environ.get(TEXT_PROGRESS_ENV) else tqdm_auto.tqdm
-    return progress_bar(total=settings.steps, desc=label, disable=label is None, mininterval=2.0, leave=False)
+    return progress_bar(settings.steps, label, unit="step", disable=label is None, summarise=False)  # train_together prints one
 
 
 # ---------------------------------------------------------------------------------------
@@ -989,8 +989,8 @@ def _cfg_key(sae: TrainingSAE[Any]) -> dict[str, Any]:
 
 def _describe(names: Sequence[str], jobs: Sequence[Job]) -> str:
     first = jobs[0].label or names[0]
-    arch = jobs[0].sae.cfg.architecture()
-    return first if len(jobs) == 1 else f"{len(jobs)} {arch} SAEs ({first}, ...)"
+    archs = {job.sae.cfg.architecture() for job in jobs}
+    return first if len(jobs) == 1 else f"{len(jobs)} {' '.join(archs) + ' ' if len(archs) == 1 else ''}SAEs ({first}, ...)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1036,8 +1036,7 @@ def seeded(seed: int | None) -> Iterator[None]:
 @contextlib.contextmanager
 def _tqdm_disabled(disabled: bool) -> Iterator[None]:
     original = sae_trainer_module.tqdm
-    if disabled:
-        sae_trainer_module.tqdm = functools.partial(original, disable=True)
+    sae_trainer_module.tqdm = functools.partial(original, disable=True) if disabled else library_bar(original)
     try:
         yield
     finally:

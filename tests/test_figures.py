@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -147,7 +148,7 @@ def test_every_figure_records_its_provenance(tmp_path):
 def executed(monkeypatch):
     """papermill's execute_notebook replaced by a recorder: the runner's calls, no compute."""
     import papermill as pm
-    monkeypatch.setenv("HEDGING_TEXT_PROGRESS", "1")  # the runner sets it; restored after the test
+    monkeypatch.delenv("HEDGING_PROGRESS_LOG", raising=False)  # the runner sets it for its run only
     calls = []
     monkeypatch.setattr(pm, "execute_notebook", lambda source, target, parameters, **kw: calls.append(
         (Path(source).name, parameters, kw["cwd"])))
@@ -198,3 +199,39 @@ def test_parameters_are_read_as_yaml_and_a_repeated_name_is_refused():
                                                                  "e": [1, 2], "f": None, "g": True}
     with pytest.raises(ParameterError, match="-p a is given twice"):
         parse_parameters([("a", "1"), ("a", "2")])
+
+
+def test_the_runner_sends_progress_to_its_log_while_it_runs_and_restores_the_environment(tmp_path, monkeypatch):
+    import papermill as pm
+
+    from hedging_utils.progress import PROGRESS_LOG_ENV
+
+    monkeypatch.delenv(PROGRESS_LOG_ENV, raising=False)
+    seen = []
+
+    def execute(source, target, parameters, **kw):
+        seen.append(os.environ.get(PROGRESS_LOG_ENV))
+        with open(seen[-1], "a") as f:
+            f.write("a sweep: 100%\n")
+
+    monkeypatch.setattr(pm, "execute_notebook", execute)
+    run_notebooks("ci", ["01"], out_dir=tmp_path)
+    assert seen == [str(tmp_path / "progress.log")]  # the kernel inherits it
+    assert (tmp_path / "progress.log").read_text() == "a sweep: 100%\n"
+    assert PROGRESS_LOG_ENV not in os.environ
+
+
+def test_the_default_profile_publishes_its_executed_notebooks_and_ci_does_not(tmp_path, monkeypatch):
+    import papermill as pm
+
+    import hedging_utils.reading as reading
+
+    monkeypatch.delenv("HEDGING_FIGURES_DIR", raising=False)
+    published = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda *a, **kw: None)
+    monkeypatch.setattr(reading, "publish", lambda source, target: published.append((Path(source).name, target)) or 1000)
+    run_notebooks("ci", ["01"], out_dir=tmp_path)
+    assert published == []  # figures/ci/ is not committed, nor are its notebooks
+    run_notebooks("small", ["01", "02"], out_dir=tmp_path)
+    assert published == [("01_toy_models.ipynb", reading.EXECUTED_DIR / "01_toy_models.ipynb"),
+                         ("02_snap_loss.ipynb", reading.EXECUTED_DIR / "02_snap_loss.ipynb")]
