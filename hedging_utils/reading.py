@@ -244,6 +244,45 @@ figure img {{ width: 100%; border: 1px solid #ddd; }} figcaption {{ font-size: 0
 """
 
 
+README_START, README_END = "<!-- verdicts: start -->", "<!-- verdicts: end -->"
+
+
+def readme_table(manifest: dict[str, Any]) -> str:
+    """The verdict table at the top of the README, in Markdown: per notebook, its figures with
+    their verdicts, a link to its executed copy, and the count of each verdict."""
+    by_notebook: dict[str, list[tuple[str, str]]] = {}
+    for fid, nb, v, _ in verdict_rows(manifest):
+        by_notebook.setdefault(nb, []).append((fid, v))
+    mark = {"holds": "holds", "departs": "**departs**", "inconclusive": "*inconclusive*", "no claim": "no claim"}
+    lines = ["| notebook | figures and their verdicts | holds | departs | inconclusive | no claim |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for nb in sorted(by_notebook):
+        figures = by_notebook[nb]
+        counts = {v: sum(fv == v for _, fv in figures) for v in mark}
+        link = f"[{nb}]({EXECUTED_DIR.relative_to(REPO_ROOT).as_posix()}/{nb}.ipynb)"
+        cells = ", ".join(f"{fid} {mark[v]}" for fid, v in figures)
+        lines.append(f"| {link} | {cells} | {counts['holds']} | {counts['departs']} | {counts['inconclusive']} | {counts['no claim']} |")
+    total = {v: sum(v == fv for _, _, fv, _ in verdict_rows(manifest)) for v in mark}
+    lines.append(f"| all | {len(manifest)} figures | {total['holds']} | {total['departs']} | {total['inconclusive']} | {total['no claim']} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path = REPO_ROOT / "README.md", figures: str | Path = REPO_ROOT / "figures") -> bool:
+    """Rewrite the README's verdict table (between ``README_START`` and ``README_END``) from
+    ``figures``' manifest; whether it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise ParameterError(f"{path} has no verdict table markers ({README_START} ... {README_END}).")
+    manifest = json.loads((Path(figures) / "manifest.json").read_text())
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_START}\n{readme_table(manifest)}\n{README_END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 def _notebook_link(notebook: str, pages: Sequence[str]) -> str:
     stem = Path(notebook).stem
     return f'<a href="{html.escape(stem)}.html">{html.escape(stem)}</a>' if stem in pages else html.escape(stem)
@@ -251,11 +290,15 @@ def _notebook_link(notebook: str, pages: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render the executed notebooks and the figure index as HTML.")
-    parser.add_argument("command", choices=["html"])
+    parser.add_argument("command", choices=["html", "readme"],
+                        help="html: render build/html; readme: rewrite the README's verdict table from the manifest")
     parser.add_argument("--executed", default=str(EXECUTED_DIR), help="folder of executed notebooks")
     parser.add_argument("--figures", default=str(REPO_ROOT / "figures"), help="folder with manifest.json")
     parser.add_argument("--out", default=str(HTML_DIR), help="output folder (default build/html)")
     args = parser.parse_args(argv)
+    if args.command == "readme":
+        print("README's verdict table " + ("rewritten" if update_readme(figures=args.figures) else "already up to date"))
+        return 0
     try:
         pages = export_html(args.executed, args.figures, args.out)
     except ParameterError as error:

@@ -96,3 +96,10 @@ def test_llm_figures_state_their_scale(figure_id):
     for key in ("corpus", "context_size", "cached_tokens", "base_tokens", "continued_tokens", "batch_size"):
         assert key in settings, key
     assert "model" in settings or "models" in settings
+
+
+def test_the_readme_verdict_table_is_the_committed_manifests():
+    from hedging_utils.reading import README_END, README_START, readme_table
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert table == readme_table(MANIFEST), "the README's verdict table is stale: run `python -m hedging_utils.reading readme`"

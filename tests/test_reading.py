@@ -123,3 +123,20 @@ def test_html_pages_and_an_index_with_the_verdicts_and_the_gallery(tmp_path):
 def test_html_without_executed_notebooks_says_how_to_get_them(tmp_path):
     with pytest.raises(ParameterError, match="make figures"):
         export_html(tmp_path, tmp_path, tmp_path / "html")
+
+
+def test_the_readme_table_counts_each_verdict_and_a_stale_one_is_rewritten(tmp_path):
+    from hedging_utils.reading import README_END, README_START, readme_table, update_readme
+    manifest = {"P1": {"notebook": "01_toy_models", "verdict": "holds"},
+                "P2": {"notebook": "01_toy_models", "verdict": "departs"},
+                "P7": {"notebook": "04_growing_and_hedging_degree", "verdict": "inconclusive"},
+                "P21": {"notebook": "06_saebench", "verdict": "no claim"}}
+    table = readme_table(manifest)
+    assert "| [01_toy_models](notebooks/executed/01_toy_models.ipynb) | P1 holds, P2 **departs** | 1 | 1 | 0 | 0 |" in table
+    assert table.splitlines()[-1] == "| all | 4 figures | 1 | 1 | 1 | 1 |"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\nrest\n")
+    assert update_readme(readme, tmp_path) and "old table" not in readme.read_text()
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("rest\n")
+    assert not update_readme(readme, tmp_path)  # up to date: unchanged
