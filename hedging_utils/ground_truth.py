@@ -31,6 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from sae_lens import __version__ as sae_lens_version
 from sae_lens.synthetic import (
     FoldedNormalMagnitudeConfig,
     HierarchyConfig,
@@ -45,6 +46,7 @@ from sae_lens.synthetic.synthetic_model import (
     SyntheticModelConfig,
 )
 
+from hedging_utils.cache import source_hash
 from hedging_utils.metrics import projection_norms
 from hedging_utils.profiles import ParameterError, check_non_negative, check_positive_int, check_seed
 from hedging_utils.training import Job, Stream, make_sae, seeded
@@ -99,7 +101,9 @@ def synth_config(
 ) -> SyntheticModelConfig:
     """A seeded ``SyntheticModelConfig`` of ``num_features`` features in ``hidden_dim`` dimensions
     with ``recipe`` (SynthSAEBench-16k: 16,384 features, 768 dimensions, 128 roots, 100
-    orthogonalisation steps). ``bias`` is the norm of the model's constant bias vector (0: none)."""
+    orthogonalisation steps). ``bias`` is the norm of the model's constant bias vector: 0 (the
+    default) gives none, as the settings quoted for SynthSAEBench-16k list no bias (SAELens'
+    own default is a bias of norm 1). The published 16k model on the hub is not loaded here."""
     check_positive_int("num_features", num_features)
     check_positive_int("hidden_dim", hidden_dim)
     check_positive_int("hierarchy_roots", hierarchy_roots)
@@ -168,9 +172,10 @@ def _chunk(model: SyntheticModel, batch_size: int, seed: int, chunk: int) -> tor
 
 
 def stream_key(model: SyntheticModel, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """What identifies ``synth_stream(model, batch_size, seed)`` in a cache key."""
+    """What identifies ``synth_stream(model, batch_size, seed)`` in a cache key (with this
+    module's source, which draws the stream)."""
     return {"synthetic_model": model.cfg.to_dict(), "batch_size": batch_size, "stream_seed": seed,
-            "chunk_batches": STREAM_CHUNK_BATCHES}
+            "chunk_batches": STREAM_CHUNK_BATCHES, "sae_lens": sae_lens_version, "code": source_hash(["ground_truth"])}
 
 
 def synth_job(model: SyntheticModel, d_sae: int, architecture: str, *, batch_size: int, seed: int = 0,
