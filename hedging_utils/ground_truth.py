@@ -321,11 +321,8 @@ def absorption(sae: Any, model: SyntheticModel, edges: Sequence[tuple[int, int]]
     kids = np.array([c for _, c in edges], dtype=int)
     both = np.zeros(len(edges))
     absorbed = np.zeros(len(edges))
-    with seeded(seed), torch.no_grad():
-        done = 0
-        while done < n_samples:
-            n = min(batch_size, n_samples - done)
-            hidden, acts = model.sample_with_features(n)
+    with torch.no_grad():
+        for hidden, acts in eval_batches(model, n_samples, seed, batch_size):
             lat = sae.encode(hidden.to(sae.W_dec.dtype)) > 0
             fires = acts > 0
             co = (fires[:, parents] & fires[:, kids]).numpy()
@@ -333,7 +330,6 @@ def absorption(sae: Any, model: SyntheticModel, edges: Sequence[tuple[int, int]]
             lat_c = lat[:, latent_of[kids]].numpy()
             both += co.sum(axis=0)
             absorbed += (co & ~lat_p & lat_c).sum(axis=0)
-            done += n
     carries = (w[latent_of[kids]] * f[parents]).sum(axis=1)
     frame = pd.DataFrame({"parent": parents, "child": kids, "cofiring": both, "child_latent_parent_cos": carries,
                           "absorption": np.where(carries >= parent_cos, absorbed / np.maximum(both, 1), 0.0)})
@@ -344,13 +340,34 @@ def firing_latents(sae: Any, model: SyntheticModel, *, n_samples: int, seed: int
     """Which latents fire at least once on ``n_samples`` fresh samples (seed ``seed``)."""
     check_positive_int("n_samples", n_samples)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    with seeded(seed), torch.no_grad():
-        done = 0
-        while done < n_samples:
-            n = min(batch_size, n_samples - done)
-            fired |= (sae.encode(model.sample(n).to(sae.W_dec.dtype)) > 0).any(dim=0)
-            done += n
+    with torch.no_grad():
+        for hidden, _ in eval_batches(model, n_samples, seed, batch_size):
+            fired |= (sae.encode(hidden.to(sae.W_dec.dtype)) > 0).any(dim=0)
     return fired.numpy()
+
+
+EVAL_MEMO_VALUES = 200_000_000
+"""Evaluation draws of at most this many feature activations (samples x features) are kept in
+memory, so that every SAE of a sweep is measured on the same samples without redrawing them."""
+
+
+def eval_batches(model: SyntheticModel, n_samples: int, seed: int = 0,
+                 batch_size: int = 8192) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n_samples`` fresh (hidden activations, feature activations) pairs drawn with ``seed``,
+    in batches; the same arguments give the same samples (kept when small, ``EVAL_MEMO_VALUES``)."""
+    check_positive_int("n_samples", n_samples)
+    if n_samples * model.cfg.num_features <= EVAL_MEMO_VALUES:
+        return _eval_draw(model, n_samples, seed, batch_size)
+    return _eval_draw.__wrapped__(model, n_samples, seed, batch_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_draw(model: SyntheticModel, n_samples: int, seed: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    with seeded(seed):
+        for start in range(0, n_samples, batch_size):
+            out.append(model.sample_with_features(min(batch_size, n_samples - start)))
+    return out
 
 
 def evaluate(sae: Any, model: SyntheticModel, *, n_samples: int, seed: int = 0, batch_size: int = 8192) -> dict[str, float]:

@@ -317,12 +317,14 @@ PAPER_GROUND_TRUTH = GroundTruthScale(num_features=16_384, hidden_dim=768, hiera
                                       balance_width=4096, level_divisors=(64, 16, 4), multipliers=(0.0, 0.25, 0.5, 0.75, 1.0),
                                       seeds=3, hedging_seeds=3, eval_samples=200_000, dead_feature_window=1000)
 # The recipe at 1,024 features in 128 dimensions (8 trees, 680 features in hierarchies), SAEs of
-# 64 to 512 latents, each trained on 153,600 samples: the notebook within 8 minutes on 2 cores.
+# 64 to 512 latents, each trained on 153,600 samples (and as many again for eq. 7's control and
+# extension: over fewer, BatchTopK's new latents stay dead, since AuxK revives them only after
+# `dead_feature_window` steps, and h is 0): the notebook within 8 minutes on 2 cores.
 SMALL_GROUND_TRUTH = GroundTruthScale(num_features=1024, hidden_dim=128, hierarchy_roots=8, orthogonalization_steps=100,
                                       widths=(64, 128, 256, 512), k=12, l1_coefficient=2.0, batch_size=1024, lr=3e-3,
-                                      train_samples=153_600, continued_samples=51_200, n_new=16, balance_width=256,
+                                      train_samples=153_600, continued_samples=153_600, n_new=16, balance_width=256,
                                       level_divisors=(16, 4), multipliers=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=3,
-                                      hedging_seeds=2, eval_samples=10_000, dead_feature_window=50)
+                                      hedging_seeds=2, eval_samples=10_000, dead_feature_window=25)
 CI_GROUND_TRUTH = GroundTruthScale(num_features=128, hidden_dim=32, hierarchy_roots=1, orthogonalization_steps=5,
                                    widths=(16, 64), k=4, l1_coefficient=2.0, batch_size=256, lr=3e-3, train_samples=4096,
                                    continued_samples=1024, n_new=4, balance_width=32, level_divisors=(4,),
