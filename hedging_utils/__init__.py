@@ -12,6 +12,8 @@ Modules, one concept each:
 - ``llm``: a language model's activations (offline Gemma 3 270M or the paper's models), and SAEs trained on them;
 - ``saebench``: SAEBench's absorption (and its probing, SCR and TPP where their data are reachable) and
   part-of-speech probing, offline on the project's model;
+- ``ground_truth``: SAEs against a known synthetic model (SAELens' SynthSAEBench recipe): true hedging,
+  absorption, and SAELens' synthetic evaluation;
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
 - ``figures``: saving figures with their data and manifest entries, and running the notebooks;
