@@ -164,7 +164,7 @@ def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"01_toy_models.ipynb", "04_growing_and_hedging_degree.ipynb"}
     executed.clear()
     run_notebooks("ci", out_dir=tmp_path)
-    assert [name for name, _, _ in executed] == [nb.name for nb in notebooks()] and len(executed) == 6
+    assert [name for name, _, _ in executed] == [nb.name for nb in notebooks()] and len(executed) == len(list((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))) >= 7
 
 
 @pytest.mark.parametrize("only,parameters,message", [
