@@ -9,9 +9,11 @@ modules behind it, so that it follows the code without a hand-bumped version.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +41,59 @@ def source_hash(modules: Iterable[str] | None = None) -> str:
         digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes().replace(b"\r\n", b"\n") + b"\0")
     return digest.hexdigest()[:16]
+
+
+def imported_modules(source: str) -> set[str]:
+    """The names of this package's modules that Python ``source`` imports, anywhere in it
+    (``import hedging_utils.x``, ``from hedging_utils import x``, ``from hedging_utils.x import y``,
+    inside functions too); ``"__init__"`` for any import of the package itself."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == PACKAGE_DIR.name:
+                found.add("__init__")
+                if len(parts) > 1 and (PACKAGE_DIR / f"{parts[1]}.py").is_file():
+                    found.add(parts[1])
+    return found
+
+
+def module_closure(modules: Iterable[str]) -> list[str]:
+    """``modules`` and every module of this package they import, directly or not (sorted)."""
+    todo, seen = set(modules), set()
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        todo |= imported_modules((PACKAGE_DIR / f"{name}.py").read_text()) - seen
+    return sorted(seen)
+
+
+NOT_IN_CODE_VERSION = ("profiles",)
+"""Modules left out of a figure's ``code_version``: a profile's numbers enter a figure through its
+recorded ``profile_settings`` (``Profile.to_dict``, which carries every scale's derived values
+too), compared key by key, so adding a scale for a new notebook does not make older figures stale."""
+
+
+def code_version(source: str) -> str:
+    """``source_hash`` of the modules of this package that Python ``source`` (a notebook's code)
+    runs: those it imports and, transitively, theirs, ``NOT_IN_CODE_VERSION`` aside. An edit to any
+    of them changes it; an edit to a module it never imports does not."""
+    names = [m for m in module_closure(imported_modules(source)) if m not in NOT_IN_CODE_VERSION]
+    return source_hash(names)
+
+
+def notebook_source(path: str | os.PathLike) -> str:
+    """The code cells of a notebook, as one Python source (IPython magics and shell lines dropped)."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    lines = [line for cell in cells if cell["cell_type"] == "code"
+             for line in "".join(cell["source"]).splitlines() if not re.match(r"\s*[%!]", line)]
+    return "\n".join(lines)
 
 
 def cache_root() -> Path:

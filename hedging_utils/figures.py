@@ -6,10 +6,12 @@ claim checks as ``<dir>/data/<id>.json``, and gets an entry in ``<dir>/manifest.
 file is written to a temporary name and renamed, so a reader never sees half a file.
 
 Each figure's record carries its provenance: the profile's full settings and
-``code_version``, a hash of the whole package's source (``cache.source_hash()``). One hash of
-the whole package, rather than of the modules a figure happens to use, is coarse (an edit to
-any module makes every figure stale) but cannot miss a dependency; a test compares the
-committed figures' provenance with today's profile and code.
+``code_version``, a hash of the source of every package module its notebook runs: those the
+notebook's code imports and, transitively, everything they import, anywhere in their source
+(``cache.code_version``; ``profiles`` aside, whose numbers are the recorded settings). An edit
+to any module a notebook reaches makes its figures stale; a module it never imports (a newer
+notebook's) does not. A test compares the committed figures' provenance with today's profile and
+code: a recorded setting that differs, or code that does.
 
 ``python -m hedging_utils.figures --profile small [-p NAME VALUE ...] [01 02 ...]`` executes
 the notebooks in order with papermill (what ``make figures`` runs).
@@ -32,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hedging_utils.cache import source_hash
+from hedging_utils.cache import code_version, notebook_source, source_hash
 from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, figures_dir, resolve_profile
 from hedging_utils.progress import PROGRESS_LOG_ENV, echo
 
@@ -160,7 +162,7 @@ class FigureWriter:
             "notebook": self.notebook,
             "profile": self.profile.name,
             "profile_settings": self.profile.to_dict(),
-            "code_version": source_hash(),
+            "code_version": notebook_code_version(self.notebook),
             "settings": _jsonable(settings or {}),
             "checks": [asdict(c) for c in checks],
         }
@@ -247,6 +249,13 @@ def _jsonable(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------
 # Regenerating every figure
+
+
+def notebook_code_version(notebook: str) -> str:
+    """The ``code_version`` of figures from notebook ``notebook`` (its name, e.g. ``01_toy_models``):
+    ``cache.code_version`` of its code, or of the whole package for a name with no notebook file."""
+    path = REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
+    return code_version(notebook_source(path)) if path.is_file() else source_hash()
 
 
 def notebooks() -> list[Path]:

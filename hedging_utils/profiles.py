@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 PROFILE_ENV = "HEDGING_PROFILE"
 FIGURES_DIR_ENV = "HEDGING_FIGURES_DIR"
@@ -166,6 +166,27 @@ CI_SAEBENCH = SAEBenchScale(vocab_size=208, letter_probe_epochs=10, k_sparse_pro
                             pos_examples_per_tag=40)
 
 
+def matryoshka_levels(width: int, level_divisors: Sequence[int]) -> list[int]:
+    """A matryoshka SAE's nested widths: ``width // d`` for each divisor ``d``, then ``width``."""
+    return [width // d for d in level_divisors] + [width]
+
+
+def check_levels(name: str, width: int, level_divisors: Sequence[int]) -> None:
+    """Refuse a width (parameter ``name``) whose matryoshka levels are not positive and increasing."""
+    levels = matryoshka_levels(width, level_divisors)
+    if levels[0] < 1 or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ParameterError(f"{name}={width} gives matryoshka levels {levels} with level divisors "
+                             f"{list(level_divisors)}; they must be positive and strictly increasing: "
+                             f"use a {name} of at least {max(level_divisors, default=1)}.")
+
+
+def check_multipliers(multipliers: Sequence[float]) -> None:
+    """Refuse balance multipliers that are negative or leave out either end the paper compares."""
+    if 0.0 not in multipliers or 1.0 not in multipliers or any(m < 0 for m in multipliers):
+        raise ParameterError(f"multipliers={list(multipliers)} must be >= 0 and include 0 (a standard SAE) and "
+                             "1 (a matryoshka SAE), the ends the paper compares against.")
+
+
 @dataclass(frozen=True)
 class MatryoshkaLLMScale:
     """The numbers of notebook 06's LLM SAEs: balance matryoshka BatchTopK (paper Figures 9
@@ -201,24 +222,18 @@ class MatryoshkaLLMScale:
     snap_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        levels = self.levels
-        if levels[0] < 1 or any(b <= a for a, b in zip(levels, levels[1:])):
-            raise ParameterError(f"width={self.width} gives matryoshka levels {levels} with level divisors "
-                                 f"{list(self.level_divisors)}; they must be positive and strictly increasing: "
-                                 f"use a width of at least {max(self.level_divisors, default=1)}.")
+        check_levels("width", self.width, self.level_divisors)
         if not 0 < self.k < self.width:
             raise ParameterError(f"k={self.k} must lie between 0 and the width {self.width}.")
         if any(not 0 < k < self.width for k in self.loss_k_values):
             raise ParameterError(f"loss_k_values={list(self.loss_k_values)} must lie between 0 and the width {self.width}.")
-        if 0.0 not in self.multipliers or 1.0 not in self.multipliers or any(m < 0 for m in self.multipliers):
-            raise ParameterError(f"multipliers={list(self.multipliers)} must be >= 0 and include 0 (a standard SAE) and "
-                                 "1 (a matryoshka SAE), the ends the paper compares against.")
+        check_multipliers(self.multipliers)
         if not 0 < self.snap_fraction < 1:
             raise ParameterError(f"snap_fraction={self.snap_fraction} must lie strictly between 0 and 1.")
 
     @property
     def levels(self) -> list[int]:
-        return [self.width // d for d in self.level_divisors] + [self.width]
+        return matryoshka_levels(self.width, self.level_divisors)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "levels": self.levels}
@@ -293,18 +308,14 @@ class GroundTruthScale:
             raise ParameterError(f"widths={list(self.widths)} must be positive and strictly increasing.")
         if not 0 < self.k < min(min(self.widths), self.balance_levels[0] if len(self.balance_levels) else self.balance_width):
             raise ParameterError(f"k={self.k} must lie between 0 and the narrowest SAE or matryoshka level.")
-        levels = self.balance_levels
-        if levels[0] < 1 or any(b <= a for a, b in zip(levels, levels[1:])):
-            raise ParameterError(f"balance_width={self.balance_width} with level_divisors={list(self.level_divisors)} gives "
-                                 f"levels {levels}; they must be positive and strictly increasing.")
-        if 0.0 not in self.multipliers or 1.0 not in self.multipliers or any(m < 0 for m in self.multipliers):
-            raise ParameterError(f"multipliers={list(self.multipliers)} must be >= 0 and include 0 and 1.")
+        check_levels("balance_width", self.balance_width, self.level_divisors)
+        check_multipliers(self.multipliers)
         if self.train_samples < self.batch_size or self.continued_samples < self.batch_size:
             raise ParameterError(f"train_samples and continued_samples must be at least one batch ({self.batch_size}).")
 
     @property
     def balance_levels(self) -> list[int]:
-        return [self.balance_width // d for d in self.level_divisors] + [self.balance_width]
+        return matryoshka_levels(self.balance_width, self.level_divisors)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "balance_levels": self.balance_levels}
@@ -374,7 +385,14 @@ class Profile:
     ground_truth: GroundTruthScale = field(repr=False, default=None)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting, each scale's by its own ``to_dict`` (derived values included): what a
+        figure records, and what tells a committed figure from today's profile."""
+        out = asdict(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "to_dict"):
+                out[f.name] = value.to_dict()
+        return out
 
 
 # The paper's LLM settings (§4, A.6-A.8; the post's growing SAE). Where it is silent (the

@@ -91,3 +91,53 @@ def test_an_unknown_module_is_refused(package):
 def test_the_real_package_hash_covers_every_module():
     assert source_hash() == source_hash([p.stem for p in cache.PACKAGE_DIR.glob("*.py")])
     assert source_hash() != source_hash(["training"])
+
+
+@pytest.fixture
+def importing_package(tmp_path, monkeypatch):
+    """A stand-in ``hedging_utils`` whose modules import each other: a -> b (inside a function) -> c; d alone."""
+    folder = tmp_path / "hedging_utils"
+    folder.mkdir()
+    sources = {"__init__": "from hedging_utils import c as _c\n",
+               "a": "import numpy\n\ndef f():\n    from hedging_utils.b import g\n    return g()\n",
+               "b": "from hedging_utils import c\n\ndef g():\n    return c.X\n",
+               "c": "X = 1\n", "d": "import hedging_utils.profiles\nY = 2\n", "profiles": "Z = 3\n"}
+    for name, text in sources.items():
+        (folder / f"{name}.py").write_text(text)
+    monkeypatch.setattr(cache, "PACKAGE_DIR", folder)
+    return folder
+
+
+def test_imports_are_found_in_every_form(importing_package):
+    source = ("import os\nimport hedging_utils.a\nfrom hedging_utils import b, nothing\n"
+              "def h():\n    from hedging_utils.d import Y\n    import hedging_utils\n")
+    assert cache.imported_modules(source) == {"__init__", "a", "b", "d"}
+    assert cache.imported_modules("import hedging_utilsx\nfrom . import a\n") == set()
+
+
+def test_a_notebooks_code_version_follows_the_modules_it_reaches_and_only_them(importing_package):
+    notebook = "from hedging_utils.a import f\n"
+    assert cache.module_closure(cache.imported_modules(notebook)) == ["__init__", "a", "b", "c"]
+    before = cache.code_version(notebook)
+    (importing_package / "d.py").write_text("import hedging_utils.profiles\nY = 3\n")  # not reached
+    (importing_package / "profiles.py").write_text("Z = 4\n")  # its numbers are recorded settings
+    assert cache.code_version(notebook) == before
+    (importing_package / "c.py").write_text("X = 2\n")  # reached through a function's import in a
+    assert cache.code_version(notebook) != before
+    assert cache.code_version("import hedging_utils.d\n") == cache.source_hash(["__init__", "c", "d"])
+
+
+def test_a_notebooks_source_is_its_code_cells_without_magics(tmp_path):
+    cells = [{"cell_type": "markdown", "source": ["import hedging_utils.a"]},
+             {"cell_type": "code", "source": ["%matplotlib inline\n", "from hedging_utils import b\n"]},
+             {"cell_type": "code", "source": "!pip list\nx = 1"}]
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps({"cells": cells}))
+    assert cache.notebook_source(path) == "from hedging_utils import b\nx = 1"
+
+
+def test_every_real_notebook_reaches_the_modules_that_write_its_figures():
+    from hedging_utils.figures import notebooks
+    for path in notebooks():
+        reached = cache.module_closure(cache.imported_modules(cache.notebook_source(path)))
+        assert {"__init__", "figures", "cache", "variants"} <= set(reached), path.name

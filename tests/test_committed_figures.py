@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hedging_utils.cache import source_hash
+from hedging_utils.figures import notebook_code_version
 from hedging_utils.profiles import resolve_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,19 +38,34 @@ def test_every_figure_has_its_files_and_numbers(figure_id):
         assert data.loc[data["vector"] == "b_dec", "latent"].isna().all()
 
 
+def changed_settings(recorded, today, prefix=""):
+    """The settings a figure recorded that today's profile no longer has, or has with another
+    value (dotted names). A setting added since (a newer notebook's scale) changes nothing."""
+    changed = []
+    for key, value in recorded.items():
+        if key not in today:
+            changed.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(today[key], dict):
+            changed += changed_settings(value, today[key], f"{prefix}{key}.")
+        elif value != today[key]:
+            changed.append(prefix + key)
+    return changed
+
+
 def stale_figures(manifest, figures, settings, code_version):
     """{figure id: why it is stale} for the figures whose record departs from ``settings`` (the
-    profile's settings, as JSON) or ``code_version`` (the package's source hash)."""
+    profile's settings, as JSON) or from ``code_version(notebook)`` (the source hash of the code
+    its notebook runs)."""
     stale = {}
     for figure_id, entry in manifest.items():
         meta = json.loads((figures / entry["meta"]).read_text())
         reasons = []
-        if meta.get("profile_settings") != settings:
-            recorded = meta.get("profile_settings") or {}
-            changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        changed = changed_settings(meta.get("profile_settings") or {}, settings) if meta.get("profile_settings") else ["all"]
+        if changed:
             reasons.append(f"profile settings differ in {', '.join(changed)}")
-        if meta.get("code_version") != code_version:
-            reasons.append(f"code {meta.get('code_version') or 'not recorded'}, now {code_version}")
+        expected = code_version(entry["notebook"])
+        if meta.get("code_version") != expected:
+            reasons.append(f"code {meta.get('code_version') or 'not recorded'}, now {expected}")
         if reasons:
             stale[figure_id] = f"{figure_id} ({entry['notebook']}): {'; '.join(reasons)}"
     return stale
@@ -58,26 +73,36 @@ def stale_figures(manifest, figures, settings, code_version):
 
 def test_every_committed_figure_was_made_by_todays_code_and_profile():
     settings = json.loads(json.dumps(resolve_profile("small").to_dict()))
-    stale = stale_figures(MANIFEST, FIGURES, settings, source_hash())
+    stale = stale_figures(MANIFEST, FIGURES, settings, notebook_code_version)
     notebooks = sorted({MANIFEST[f]["notebook"][:2] for f in stale})
     assert not stale, (f"{len(stale)} of {len(MANIFEST)} committed figures are stale; regenerate them with `make figures` "
                        f"(or `python -m hedging_utils.figures {' '.join(notebooks)}`):\n  " + "\n  ".join(stale.values()))
 
 
 def test_a_figure_from_other_settings_or_code_is_named_stale(tmp_path):
-    settings, code = json.loads(json.dumps(resolve_profile("small").to_dict())), source_hash()
+    settings = json.loads(json.dumps(resolve_profile("small").to_dict()))
+    code = {"01_toy_models": "a" * 16, "07_ground_truth": "b" * 16}.__getitem__
     (tmp_path / "data").mkdir()
-    records = {"A": (settings, code), "B": ({**settings, "seeds": 99}, code), "C": (settings, "0" * 16),
-               "D": ({k: v for k, v in settings.items() if k != "matryoshka_llm"}, None)}
+    nested = next(k for k, v in settings.items() if isinstance(v, dict))
+    records = {"A": (settings, "a" * 16, "01_toy_models"),
+               "B": ({**settings, "seeds": 99}, "a" * 16, "01_toy_models"),
+               "C": (settings, "0" * 16, "01_toy_models"),
+               "D": ({k: v for k, v in settings.items() if k != "matryoshka_llm"}, None, "01_toy_models"),
+               "E": (settings, "a" * 16, "07_ground_truth"),
+               "F": ({**settings, nested: {**settings[nested], "seeds_x": 1}}, "b" * 16, "07_ground_truth"),
+               "G": ({**settings, "retired": 1}, "b" * 16, "07_ground_truth")}
     manifest = {}
-    for figure_id, (recorded, version) in records.items():
+    for figure_id, (recorded, version, notebook) in records.items():
         meta = {"id": figure_id, "profile_settings": recorded, **({"code_version": version} if version else {})}
         (tmp_path / "data" / f"{figure_id}.json").write_text(json.dumps(meta))
-        manifest[figure_id] = {"meta": f"data/{figure_id}.json", "notebook": "01_toy_models"}
+        manifest[figure_id] = {"meta": f"data/{figure_id}.json", "notebook": notebook}
     stale = stale_figures(manifest, tmp_path, settings, code)
-    assert sorted(stale) == ["B", "C", "D"]
-    assert "seeds" in stale["B"] and "now " + code in stale["C"]
-    assert "matryoshka_llm" in stale["D"] and "not recorded" in stale["D"]
+    # D recorded fewer settings (one added since): stale only for its code
+    assert sorted(stale) == ["B", "C", "D", "E", "F", "G"]
+    assert "seeds" in stale["B"] and "now " + "a" * 16 in stale["C"]
+    assert "not recorded" in stale["D"] and "profile settings" not in stale["D"]
+    assert "now " + "b" * 16 in stale["E"] and "profile settings" not in stale["E"]
+    assert f"{nested}.seeds_x" in stale["F"] and "retired" in stale["G"]
 
 
 def test_readme_gallery_lists_every_figure():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from hedging_utils.cache import source_hash
-from hedging_utils.figures import Check, FigureWriter, check, figure_verdict, main, verdict, notebooks, parse_parameters, read_manifest, run_notebooks
+from hedging_utils.figures import Check, FigureWriter, check, figure_verdict, main, notebook_code_version, notebooks, verdict, parse_parameters, read_manifest, run_notebooks
 from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
 from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae
@@ -141,7 +141,12 @@ def test_a_rerun_that_departs_replaces_a_holding_entry(tmp_path):
 def test_every_figure_records_its_provenance(tmp_path):
     entry, meta = _save(tmp_path, [])
     assert meta["profile_settings"] == json.loads(json.dumps(PROFILES["ci"].to_dict()))
-    assert meta["code_version"] == entry["code_version"] == source_hash()
+    assert meta["code_version"] == entry["code_version"] == notebook_code_version("01_toy_models")
+    assert notebook_code_version("01_toy_models") != source_hash()  # only the modules notebook 01 reaches
+    # a notebook file that does not exist: the whole package
+    writer = FigureWriter.for_notebook("99_elsewhere", PROFILES["ci"], tmp_path)
+    writer.save("X-other", plt.subplots()[0], pd.DataFrame({"x": [0]}))
+    assert read_manifest(tmp_path)["X-other"]["code_version"] == source_hash()
 
 
 @pytest.fixture

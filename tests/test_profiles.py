@@ -67,3 +67,15 @@ def test_matryoshka_llm_scale_checks_levels_k_and_multipliers():
         dataclasses.replace(paper, multipliers=(0.25, 0.5, 1.0))
     with pytest.raises(ParameterError, match="k=0"):
         dataclasses.replace(paper, k=0)
+
+
+@pytest.mark.parametrize("name", ["ci", "small", "paper"])
+def test_a_profiles_record_holds_every_scales_derived_values(name):
+    """A figure records ``Profile.to_dict``; the code of ``profiles`` is left out of its code version
+    (``cache.NOT_IN_CODE_VERSION``), so every value a scale derives must be in the record."""
+    profile = resolve_profile(name)
+    record = profile.to_dict()
+    for key, value in vars(profile).items():
+        for attr, member in vars(type(value)).items() if hasattr(value, "to_dict") else ():
+            if isinstance(member, property):
+                assert record[key][attr] == getattr(value, attr), f"{key}.{attr}"
