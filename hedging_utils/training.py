@@ -56,7 +56,7 @@ import sae_lens.training.sae_trainer as sae_trainer_module
 from hedging_utils.cache import CACHE_ENV, cache_root, cached_dir, cached_entry, source_hash
 from hedging_utils.precision import check_precision, dtype_of
 from hedging_utils.profiles import ParameterError, check_positive_int
-from hedging_utils.progress import TEXT_PROGRESS_ENV, library_bar, log, progress_bar, progress_log  # noqa: F401 (TEXT_PROGRESS_ENV re-exported)
+from hedging_utils.progress import library_bar, log, progress_bar, progress_log
 from hedging_utils.variants import BalanceMatryoshkaMixin
 
 TRAINING_SOURCES = ("training", "precision", "variants", "toys")
