@@ -1,0 +1,332 @@
+"""A decoder-orthogonality penalty, as SAELens training architectures.
+
+The "true features" post (seed 004) proposes adding to the SAE loss a penalty on the cosine
+similarity between decoder directions, so that an SAE cannot spend a latent on a *combination*
+of features it already has latents for. OrtSAE (Korznikov et al., arXiv 2509.22033) made such
+a penalty linear in the width. Both forms are here, on the decoder rows d_i (unit-normalised
+inside the penalty; the SAE's own rows keep their norms):
+
+- ``pairwise`` (the post): over every pair i < j, ``|cos(d_i, d_j)| ** power``, averaged over
+  the pairs (``reduction="mean"``) or summed (``"sum"``). ``power`` > 1 is the post's
+  "non-linearity" that is lenient on slightly aligned pairs and severe on closely aligned
+  ones. It costs O(width^2 d_in).
+- ``chunked`` (OrtSAE): each training step splits the latents at random into K chunks of
+  (nearly) equal size; within each chunk every latent's largest squared cosine with another
+  latent of its chunk is taken, and these are averaged over all latents (a latent alone in its
+  chunk contributes 0). K = ceil(width / ``chunk_size``), OrtSAE's 8,192 by default, so each
+  chunk costs O(chunk_size^2 d_in) and a step O(width chunk_size d_in): linear in the width
+  (``benchmarks/orthogonality_cost.py``). The partition of step t is drawn from its own
+  generator seeded with (``orthogonality_seed``, t), so a run is reproducible and the global
+  RNG is left alone.
+
+The loss term is ``orthogonality_coefficient * penalty`` (OrtSAE: gamma = 0.25), added to the
+architecture's own loss under the name ``orthogonality_loss``. Two architectures, registered
+with SAELens at this module's import (import it before loading such an SAE from disk):
+
+- ``orthogonal_standard``: ReLU + L1 (``StandardTrainingSAE``) + the penalty; inference: ``standard``.
+- ``orthogonal_batchtopk``: BatchTopK with its AuxK dead-latent loss (``BatchTopKTrainingSAE``)
+  + the penalty, OrtSAE's setting; inference: ``jumprelu``, as SAELens saves BatchTopK.
+
+**Training.** The stacked trainer of ``hedging_utils.training`` does not know this loss term
+(``StackedSAEs.supports`` is False for these classes), so ``train_saes`` / ``train_together``
+train each such SAE on its own with SAELens' ``SAETrainer`` (``train_with_sae_lens``). That is
+exact but pays SAELens' per-step overhead once per SAE, so the notebook keeps these toys small.
+Stacked support (the penalty's gradient per SAE of a stack) is a follow-up. With
+``orthogonality_coefficient = 0`` an SAE here trains exactly like SAELens' own ``standard`` /
+``batchtopk``; the notebook trains its no-penalty baselines as those, stacked.
+
+**Cache keys.** ``training.training_code_version`` does not cover this module, so
+``orthogonal_job`` adds ``ORTHOGONALITY_CODE`` (this module's source hash) to a job's ``init``:
+an edit here retrains the penalised SAEs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY, register_sae_training_class
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.sae import SAEConfig, TrainStepInput
+from sae_lens.saes.standard_sae import StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+from typing_extensions import override
+
+from hedging_utils.cache import source_hash
+from hedging_utils.profiles import ParameterError, check_non_negative, check_positive_int, check_seed
+from hedging_utils.training import Job, weights_hash
+
+FORMS = ("pairwise", "chunked")
+REDUCTIONS = ("mean", "sum")
+ORTSAE_CHUNK_SIZE = 8192
+"""OrtSAE's chunk size: K = ceil(width / 8192) chunks."""
+ORTSAE_COEFFICIENT = 0.25
+"""OrtSAE's gamma."""
+ORTHOGONALITY_CODE = source_hash(["orthogonality"])
+"""This module's source hash, added to the cache key of every job ``orthogonal_job`` makes."""
+
+
+# ---------------------------------------------------------------------------------------
+# The penalty
+
+
+def unit_rows(w_dec: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Decoder rows divided by their norms (a zero row stays zero)."""
+    return w_dec / w_dec.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def decoder_cosines(w_dec: torch.Tensor) -> torch.Tensor:
+    """[L, L] cosine similarities between the decoder rows of ``w_dec`` [L, d]."""
+    unit = unit_rows(w_dec)
+    return unit @ unit.T
+
+
+def pairwise_penalty(w_dec: torch.Tensor, power: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """The post's penalty: |cos(d_i, d_j)|^power over the pairs i < j, their mean or sum
+    (0 for a single latent, which has no pair)."""
+    n = w_dec.shape[0]
+    if n < 2:
+        return w_dec.sum() * 0.0
+    i, j = torch.triu_indices(n, n, offset=1, device=w_dec.device)
+    values = decoder_cosines(w_dec)[i, j].abs().pow(power)
+    return values.mean() if reduction == "mean" else values.sum()
+
+
+def n_chunks_for(width: int, chunk_size: int = ORTSAE_CHUNK_SIZE) -> int:
+    """OrtSAE's K = ceil(width / chunk_size)."""
+    return max(1, math.ceil(width / chunk_size))
+
+
+def chunk_partition(width: int, n_chunks: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """A random split of latents 0..width-1 into ``n_chunks`` chunks of (nearly) equal size."""
+    order = torch.randperm(width, generator=generator)
+    return [chunk for chunk in torch.tensor_split(order, n_chunks) if len(chunk)]
+
+
+def chunked_penalty(w_dec: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """OrtSAE's penalty for a given partition: the mean over all latents of each latent's
+    largest squared cosine with another latent of its chunk (0 for a latent alone in its chunk)."""
+    total = w_dec.sum() * 0.0
+    for chunk in chunks:
+        if len(chunk) < 2:
+            continue
+        squared = decoder_cosines(w_dec[chunk.to(w_dec.device)]).pow(2)
+        squared = squared - torch.diag_embed(torch.diagonal(squared))  # no latent is its own neighbour
+        total = total + squared.max(dim=1).values.sum()
+    return total / w_dec.shape[0]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of training step ``step``'s chunk partition."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# ---------------------------------------------------------------------------------------
+# Options and the architectures
+
+
+@dataclass(kw_only=True)
+class OrthogonalityOptions:
+    """The decoder-orthogonality penalty of an SAE.
+
+    Args:
+        orthogonality_coefficient: weight of the penalty in the loss (OrtSAE's gamma: 0.25);
+            0 trains the plain architecture.
+        orthogonality_form: ``"pairwise"`` (the post's, every pair) or ``"chunked"`` (OrtSAE's).
+        orthogonality_power: pairwise form: the penalty of a pair is |cos|^power (>= 1; 1: the
+            post's |cos|, larger: lenient on small cosines, severe on large ones).
+        orthogonality_reduction: pairwise form: ``"mean"`` or ``"sum"`` over the pairs.
+        orthogonality_chunk_size: chunked form: K = ceil(d_sae / chunk_size) (OrtSAE: 8,192).
+        orthogonality_seed: chunked form: seed of the per-step random partitions.
+    """
+
+    orthogonality_coefficient: float = 0.0
+    orthogonality_form: str = "pairwise"
+    orthogonality_power: float = 1.0
+    orthogonality_reduction: str = "mean"
+    orthogonality_chunk_size: int = ORTSAE_CHUNK_SIZE
+    orthogonality_seed: int = 0
+
+    def validate_orthogonality(self) -> None:
+        check_non_negative("orthogonality_coefficient", self.orthogonality_coefficient)
+        if self.orthogonality_form not in FORMS:
+            raise ParameterError(f"orthogonality_form={self.orthogonality_form!r} is not one of {list(FORMS)}.")
+        if not (isinstance(self.orthogonality_power, (int, float)) and self.orthogonality_power >= 1):
+            raise ParameterError(f"orthogonality_power={self.orthogonality_power!r} must be >= 1 (|cos|^power is not "
+                                 "differentiable at 0 below 1); use 1 for the post's |cos|.")
+        if self.orthogonality_reduction not in REDUCTIONS:
+            raise ParameterError(f"orthogonality_reduction={self.orthogonality_reduction!r} is not one of {list(REDUCTIONS)}.")
+        check_positive_int("orthogonality_chunk_size", self.orthogonality_chunk_size)
+        check_seed("orthogonality_seed", self.orthogonality_seed)
+
+    def n_chunks(self, width: int) -> int:
+        return n_chunks_for(width, self.orthogonality_chunk_size)
+
+    def penalty(self, w_dec: torch.Tensor, step: int) -> torch.Tensor:
+        """The penalty (before its coefficient) of decoder ``w_dec`` at training step ``step``."""
+        if self.orthogonality_form == "pairwise":
+            return pairwise_penalty(w_dec, self.orthogonality_power, self.orthogonality_reduction)
+        chunks = chunk_partition(w_dec.shape[0], self.n_chunks(w_dec.shape[0]), step_generator(self.orthogonality_seed, step))
+        return chunked_penalty(w_dec, chunks)
+
+
+class OrthogonalityMixin:
+    """Adds ``orthogonality_loss`` to an architecture's auxiliary losses."""
+
+    cfg: Any
+    W_dec: torch.nn.Parameter
+
+    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor, hidden_pre: torch.Tensor,
+                           sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)  # type: ignore[misc]
+        if not isinstance(losses, dict):
+            losses = {"aux_loss": losses}
+        if self.cfg.orthogonality_coefficient > 0:
+            penalty = self.cfg.penalty(self.W_dec, step_input.n_training_steps)
+            losses["orthogonality_loss"] = self.cfg.orthogonality_coefficient * penalty
+        return losses
+
+
+@dataclass
+class OrthogonalStandardTrainingSAEConfig(StandardTrainingSAEConfig, OrthogonalityOptions):
+    """A ReLU + L1 SAE with a decoder-orthogonality penalty (``OrthogonalityOptions``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_orthogonality()
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "orthogonal_standard"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return StandardSAEConfig
+
+
+class OrthogonalStandardTrainingSAE(OrthogonalityMixin, StandardTrainingSAE):
+    cfg: OrthogonalStandardTrainingSAEConfig  # type: ignore[assignment]
+
+
+@dataclass
+class OrthogonalBatchTopKTrainingSAEConfig(BatchTopKTrainingSAEConfig, OrthogonalityOptions):
+    """A BatchTopK SAE (with AuxK) with a decoder-orthogonality penalty: OrtSAE with
+    ``orthogonality_form="chunked"`` and ``orthogonality_coefficient=0.25``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_orthogonality()
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "orthogonal_batchtopk"
+
+
+class OrthogonalBatchTopKTrainingSAE(OrthogonalityMixin, BatchTopKTrainingSAE):
+    cfg: OrthogonalBatchTopKTrainingSAEConfig  # type: ignore[assignment]
+
+
+ARCHITECTURES = {"standard": "orthogonal_standard", "batchtopk": "orthogonal_batchtopk"}
+"""The penalised architecture of each plain one."""
+
+for _cls, _cfg in (
+    (OrthogonalStandardTrainingSAE, OrthogonalStandardTrainingSAEConfig),
+    (OrthogonalBatchTopKTrainingSAE, OrthogonalBatchTopKTrainingSAEConfig),
+):
+    if _cfg.architecture() not in SAE_TRAINING_CLASS_REGISTRY:
+        register_sae_training_class(_cfg.architecture(), _cls, _cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+
+
+def orthogonal_job(make_job: Any, *args: Any, architecture: str = "standard", orthogonality_coefficient: float = 0.0,
+                   **kwargs: Any) -> Job:
+    """A training job from ``make_job`` (e.g. ``toys.toy_job``) with the penalty: ``architecture``
+    is the plain one (``standard`` or ``batchtopk``); with ``orthogonality_coefficient`` 0 the
+    job is the plain architecture's (it trains stacked), otherwise the penalised one's, whose
+    cache key carries ``ORTHOGONALITY_CODE``. Other ``orthogonality_*`` keyword arguments go to
+    the config."""
+    if architecture not in ARCHITECTURES:
+        raise ParameterError(f"architecture={architecture!r} has no orthogonal variant; use one of {list(ARCHITECTURES)}.")
+    coefficient = check_non_negative("orthogonality_coefficient", orthogonality_coefficient)
+    if coefficient == 0:
+        extra = {k: v for k, v in kwargs.items() if not k.startswith("orthogonality_")}
+        return make_job(*args, architecture=architecture, **extra)
+    job = make_job(*args, architecture=ARCHITECTURES[architecture], orthogonality_coefficient=coefficient, **kwargs)
+    base = job.init if job.init is not None else {"weights": weights_hash(job.sae)}
+    job.init = {**base, "orthogonality_code": ORTHOGONALITY_CODE}
+    return job
+
+
+# ---------------------------------------------------------------------------------------
+# What the penalty is tested against: absorption and hedging on toys with known features
+
+
+def max_decoder_cosine(w_dec: Any) -> float:
+    """The mean over latents of each latent's largest |cos| with another latent's decoder (0:
+    an orthogonal decoder; NaN for a single latent, which has no other)."""
+    w = torch.as_tensor(w_dec).detach().float()
+    if w.shape[0] < 2:
+        return float("nan")
+    cos = decoder_cosines(w).abs()
+    cos.fill_diagonal_(0.0)
+    return float(cos.max(dim=1).values.mean())
+
+
+def _latent_of(w_unit: torch.Tensor, feature: torch.Tensor, exclude: int | None = None) -> int:
+    cos = w_unit @ feature
+    if exclude is not None and w_unit.shape[0] > 1:
+        cos[exclude] = -torch.inf
+    return int(cos.argmax())
+
+
+def toy_absorption(sae: Any, features: torch.Tensor, feature_acts: torch.Tensor, parent: int, child: int) -> dict[str, float]:
+    """Absorption of ``child`` by ``parent`` in a toy SAE, measured on feature activations
+    ``feature_acts`` [n, N] (inputs ``feature_acts @ features``).
+
+    The parent's latent is the latent whose decoder is closest to f_parent; the child's the
+    closest to f_child among the others. Returns the parent latent's encoder cosine with
+    f_child (negative under absorption: it is switched off when the child fires), the child
+    latent's decoder cosine with f_parent (positive: it reconstructs the parent too), and
+    ``absorption_rate``: the share of the samples where both features fire in which the parent's
+    latent is silent while the child's fires (the paper's firing-based absorption)."""
+    features = features.detach().float()
+    w = unit_rows(sae.W_dec.detach().float())
+    p_latent = _latent_of(w, features[parent])
+    c_latent = _latent_of(w, features[child], exclude=p_latent)
+    encoder = sae.W_enc.detach().float().T
+    enc_cos = float(unit_rows(encoder)[p_latent] @ features[child])
+    with torch.no_grad():
+        acts = sae.encode(feature_acts.float() @ features) > 0
+    both = (feature_acts[:, parent] > 0) & (feature_acts[:, child] > 0)
+    absorbed = both & ~acts[:, p_latent] & acts[:, c_latent]
+    return {"parent_encoder_cos_child": enc_cos, "child_decoder_cos_parent": float(w[c_latent] @ features[parent]),
+            "absorption_rate": float(absorbed.sum() / both.sum().clamp_min(1)), "cofiring_samples": int(both.sum())}
+
+
+def unlatented_hedging(w_dec: Any, features: Any) -> dict[str, float]:
+    """Hedging of the features an SAE has no latent for.
+
+    Each latent is matched to the feature its decoder is closest to; features matched by no
+    latent are *unlatented*. ``hedging`` is the mean over latents of the norm of the unit
+    decoder's component outside its own feature (``ground_truth.true_hedging``'s measure);
+    ``unlatented`` the mean norm of its projection on the span of the unlatented features
+    (what the latents carry of features they were not given); ``n_unlatented`` their count."""
+    w = unit_rows(torch.as_tensor(w_dec).detach().float())
+    f = unit_rows(torch.as_tensor(features).detach().float())
+    cos = w @ f.T
+    match = cos.argmax(dim=1)
+    residual = w - cos.gather(1, match[:, None]) * f[match]
+    unmatched = sorted(set(range(f.shape[0])) - set(match.tolist()))
+    if unmatched:
+        basis, _ = torch.linalg.qr(f[unmatched].T)  # the features are orthonormal in the toys; QR keeps it general
+        unlatented = (w @ basis).norm(dim=1)
+    else:
+        unlatented = torch.zeros(w.shape[0])
+    return {"hedging": float(residual.norm(dim=1).mean()), "unlatented": float(unlatented.mean()),
+            "n_unlatented": len(unmatched)}

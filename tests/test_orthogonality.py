@@ -1,0 +1,176 @@
+"""The decoder-orthogonality penalty: its value and gradient against a direct computation, the
+SAELens architectures that carry it, and the measurements notebook 08 tests it with."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+
+from hedging_utils.orthogonality import (
+    ORTHOGONALITY_CODE, OrthogonalBatchTopKTrainingSAE, OrthogonalStandardTrainingSAE, chunk_partition, chunked_penalty,
+    max_decoder_cosine, n_chunks_for, orthogonal_job, pairwise_penalty, step_generator, toy_absorption, unlatented_hedging,
+)
+from hedging_utils.profiles import ParameterError
+from hedging_utils.toys import Hierarchy, ToySetting, toy_job
+from hedging_utils.training import StackedSAEs, TrainSettings, make_sae, train_saes
+
+
+def direct_pairwise(w, power, reduction):
+    """The post's penalty written out pair by pair."""
+    values = []
+    for i, j in itertools.combinations(range(len(w)), 2):
+        cos = torch.dot(w[i], w[j]) / (w[i].norm() * w[j].norm())
+        values.append(cos.abs() ** power)
+    total = sum(values)
+    return total / len(values) if reduction == "mean" else total
+
+
+def direct_chunked(w, chunks):
+    """OrtSAE's penalty written out latent by latent."""
+    total = 0.0
+    for chunk in chunks:
+        for i in chunk.tolist():
+            others = [j for j in chunk.tolist() if j != i]
+            if others:
+                total = total + max((torch.dot(w[i], w[j]) / (w[i].norm() * w[j].norm())) ** 2 for j in others)
+    return total / len(w)
+
+
+@pytest.mark.parametrize("power,reduction", [(1.0, "mean"), (1.0, "sum"), (2.0, "mean"), (3.0, "sum")])
+def test_pairwise_penalty_and_gradient_match_a_direct_computation(power, reduction):
+    w = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    ours = pairwise_penalty(w, power, reduction)
+    (grad,) = torch.autograd.grad(ours, w)
+    w2 = w.detach().clone().requires_grad_()
+    direct = direct_pairwise(w2, power, reduction)
+    (grad_direct,) = torch.autograd.grad(direct, w2)
+    assert torch.allclose(ours, direct) and torch.allclose(grad, grad_direct)
+
+
+def test_chunked_penalty_and_gradient_match_a_direct_computation():
+    w = torch.randn(11, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    chunks = chunk_partition(11, 3, step_generator(0, 5))
+    assert sorted(torch.cat(chunks).tolist()) == list(range(11)) and sorted(len(c) for c in chunks) == [3, 4, 4]
+    ours = chunked_penalty(w, chunks)
+    (grad,) = torch.autograd.grad(ours, w)
+    w2 = w.detach().clone().requires_grad_()
+    direct = direct_chunked(w2, chunks)
+    (grad_direct,) = torch.autograd.grad(direct, w2)
+    assert torch.allclose(ours, direct) and torch.allclose(grad, grad_direct)
+
+
+def test_penalties_are_zero_for_orthogonal_decoders_and_for_a_single_latent():
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    w = q[:4] * torch.tensor([[0.5], [2.0], [1.0], [3.0]], dtype=torch.float64)  # orthogonal rows of any norm
+    assert float(pairwise_penalty(w)) == pytest.approx(0, abs=1e-12)
+    assert float(chunked_penalty(w, [torch.arange(4)])) == pytest.approx(0, abs=1e-12)
+    single = torch.randn(1, 6, requires_grad=True)
+    assert float(pairwise_penalty(single).detach()) == 0 and float(chunked_penalty(single, [torch.arange(1)]).detach()) == 0
+    (grad,) = torch.autograd.grad(pairwise_penalty(single), single)
+    assert float(grad.abs().max()) == 0  # one latent has no pair: the penalty cannot move it
+
+
+def test_the_penalty_checks_can_fail():
+    """The direct computations tell a wrong penalty from the right one (a check that can fail)."""
+    w = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    chunks = chunk_partition(6, 2, step_generator(0, 0))
+    # squared cosines, not |cos|, in the pairwise form; the mean instead of the max in the chunked one
+    assert not torch.allclose(pairwise_penalty(w, 2.0), direct_pairwise(w, 1.0, "mean"))
+    assert not torch.allclose(pairwise_penalty(w, 1.0, "sum"), direct_pairwise(w, 1.0, "mean"))
+    wrong = sum(decoder_mean_sq(w[c]) for c in chunks) / len(w)
+    assert not torch.allclose(chunked_penalty(w, chunks), wrong)
+
+
+def decoder_mean_sq(w):
+    unit = w / w.norm(dim=1, keepdim=True)
+    cos = (unit @ unit.T) ** 2
+    return (cos.sum(dim=1) - 1).sum() / max(len(w) - 1, 1)
+
+
+def test_ortsae_chunk_count_and_partitions_per_step():
+    assert [n_chunks_for(w) for w in (1, 8192, 8193, 65_536)] == [1, 1, 2, 8]
+    a, b = chunk_partition(20, 4, step_generator(3, 7)), chunk_partition(20, 4, step_generator(3, 7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # a step's partition is reproducible
+    c = chunk_partition(20, 4, step_generator(3, 8))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))  # and changes from step to step
+
+
+@pytest.mark.parametrize("architecture,cfg", [("orthogonal_standard", {"l1_coefficient": 0.1}),
+                                              ("orthogonal_batchtopk", {"k": 2.0})])
+def test_architectures_add_the_penalty_to_their_own_loss(architecture, cfg):
+    torch.manual_seed(0)
+    plain = make_sae(8, 6, architecture.removeprefix("orthogonal_"), **cfg)
+    sae = make_sae(8, 6, architecture, orthogonality_coefficient=0.5, orthogonality_form="chunked",
+                   orthogonality_chunk_size=4, **cfg)
+    sae.load_state_dict(plain.state_dict())
+    x = torch.randn(32, 8)
+    step = TrainStepInput(sae_in=x, coefficients={"l1": 0.1} if "l1_coefficient" in cfg else {}, dead_neuron_mask=None, is_logging_step=False,
+                          n_training_steps=3)
+    ours, theirs = sae.training_forward_pass(step), plain.training_forward_pass(step)
+    expected = 0.5 * chunked_penalty(sae.W_dec, chunk_partition(6, 2, step_generator(0, 3)))
+    assert torch.allclose(ours.losses["orthogonality_loss"], expected)
+    assert torch.allclose(ours.loss, theirs.loss + expected)
+    # the gradient of the total reaches W_dec through the penalty too
+    ours.loss.backward()
+    theirs.loss.backward()
+    assert not torch.allclose(sae.W_dec.grad, plain.W_dec.grad)
+
+
+def test_bad_options_name_the_parameter():
+    with pytest.raises(ParameterError, match="orthogonality_form='dense'"):
+        make_sae(4, 3, "orthogonal_standard", orthogonality_form="dense")
+    with pytest.raises(ParameterError, match="orthogonality_power=0.5"):
+        make_sae(4, 3, "orthogonal_standard", orthogonality_power=0.5)
+    with pytest.raises(ParameterError, match="orthogonality_coefficient=-1"):
+        make_sae(4, 3, "orthogonal_batchtopk", orthogonality_coefficient=-1)
+    with pytest.raises(ParameterError, match="architecture='topk'"):
+        orthogonal_job(toy_job, ToySetting([0.5, 0.5], d_model=4), 2, batch_size=8, architecture="topk",
+                       orthogonality_coefficient=1.0)
+
+
+def test_they_train_with_sae_lens_and_reload_from_the_cache(tmp_path):
+    """Not stackable: train_saes trains them one at a time with SAELens' trainer; the cache
+    key carries this module's code; the cache reloads them as their own class."""
+    toy = ToySetting([0.4, 0.3, 0.2], d_model=6)
+    jobs = {c: orthogonal_job(toy_job, toy, 3, batch_size=32, architecture="standard", l1_coefficient=0.01,
+                              orthogonality_coefficient=c, init="random") for c in (0.0, 1.0)}
+    assert jobs[0.0].sae.cfg.architecture() == "standard" and StackedSAEs.supports(jobs[0.0].sae)
+    assert not StackedSAEs.supports(jobs[1.0].sae) and jobs[1.0].init["orthogonality_code"] == ORTHOGONALITY_CODE
+    saes = train_saes(jobs, TrainSettings(steps=60, batch_size=32, lr=1e-2), kind="t", progress=False)
+    assert isinstance(saes[1.0], OrthogonalStandardTrainingSAE) and saes[1.0].cfg.orthogonality_coefficient == 1.0
+    # the penalty made the decoder more orthogonal than without it
+    assert max_decoder_cosine(saes[1.0].W_dec) < max_decoder_cosine(saes[0.0].W_dec)
+    again = train_saes(jobs, TrainSettings(steps=60, batch_size=32, lr=1e-2), kind="t", progress=False)
+    assert torch.equal(again[1.0].W_dec, saes[1.0].W_dec)
+    cls, _ = get_sae_training_class("orthogonal_batchtopk")
+    assert cls is OrthogonalBatchTopKTrainingSAE
+
+
+def test_toy_absorption_and_unlatented_hedging_on_constructed_saes():
+    toy = ToySetting([0.5, 0.5], hierarchies=[Hierarchy(0, (1,))], d_model=4)
+    f = toy.features
+    sae = make_sae(4, 2, "standard")
+    with torch.no_grad():  # an absorbing SAE: parent latent f1 - f2 (off when the child fires), child latent f1 + f2
+        sae.W_enc.copy_(torch.stack([f[0] - f[1], f[1]]).T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.stack([f[0], (f[0] + f[1]) / math.sqrt(2)]))
+    acts = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    result = toy_absorption(sae, f, acts, parent=0, child=1)
+    assert result["absorption_rate"] == 1.0 and result["cofiring_samples"] == 2
+    assert result["parent_encoder_cos_child"] == pytest.approx(-math.sqrt(0.5), abs=1e-5)
+    assert result["child_decoder_cos_parent"] == pytest.approx(math.sqrt(0.5), abs=1e-5)
+    # a clean SAE does not absorb: the check can fail
+    with torch.no_grad():
+        sae.W_enc.copy_(f[:2].T)
+        sae.W_dec.copy_(f[:2])
+    clean = toy_absorption(sae, f, acts, parent=0, child=1)
+    assert clean["absorption_rate"] == 0.0 and abs(clean["parent_encoder_cos_child"]) < 1e-4
+    # hedging: one latent mixing 0.6 of the unlatented f2 into f1
+    hedged = unlatented_hedging(torch.stack([0.8 * f[0] + 0.6 * f[1]]), f)
+    assert hedged == pytest.approx({"hedging": 0.6, "unlatented": 0.6, "n_unlatented": 1}, abs=1e-5)
+    assert unlatented_hedging(f[:2], f) == pytest.approx({"hedging": 0.0, "unlatented": 0.0, "n_unlatented": 0}, abs=1e-6)
+    assert max_decoder_cosine(f[:2]) == pytest.approx(0.0, abs=1e-6) and math.isnan(max_decoder_cosine(f[:1]))
