@@ -330,3 +330,22 @@ def unlatented_hedging(w_dec: Any, features: Any) -> dict[str, float]:
         unlatented = torch.zeros(w.shape[0])
     return {"hedging": float(residual.norm(dim=1).mean()), "unlatented": float(unlatented.mean()),
             "n_unlatented": len(unmatched)}
+
+
+def toy_measurements(sae: Any, features: torch.Tensor, feature_acts: torch.Tensor, *, parent: int | None = None,
+                     child: int | None = None) -> dict[str, float]:
+    """Everything notebook 08 reads off a toy SAE, on feature activations ``feature_acts``
+    [n, N] (inputs ``feature_acts @ features``): the variance it explains, its L0, how far its
+    decoder is from orthogonal (``max_decoder_cosine``), its hedging (``unlatented_hedging``)
+    and, given a ``parent`` and ``child`` feature, its absorption (``toy_absorption``)."""
+    x = feature_acts.float() @ features.detach().float()
+    with torch.no_grad():
+        acts = sae.encode(x)
+        error = float((sae.decode(acts) - x).pow(2).sum())
+    out = {"variance_explained": 1 - error / float((x - x.mean(0)).pow(2).sum()), "l0": float((acts > 0).sum(1).float().mean()),
+           "max_decoder_cos": max_decoder_cosine(sae.W_dec)}
+    hedging = unlatented_hedging(sae.W_dec, features)
+    out.update({"hedging": hedging["hedging"], "unlatented_hedging": hedging["unlatented"], "n_unlatented": hedging["n_unlatented"]})
+    if parent is not None and child is not None:
+        out.update(toy_absorption(sae, features, feature_acts, parent, child))
+    return out

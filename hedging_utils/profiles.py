@@ -345,6 +345,68 @@ CI_GROUND_TRUTH = GroundTruthScale(num_features=128, hidden_dim=32, hierarchy_ro
 
 
 @dataclass(frozen=True)
+class TrueFeaturesScale:
+    """The numbers of notebook 08: the "true features" post's combination toy and the
+    decoder-orthogonality penalty (``hedging_utils.combinations``, ``hedging_utils.orthogonality``).
+    Penalised SAEs train one at a time with SAELens' trainer (not stacked), so these stay small.
+
+    Attributes:
+        steps, batch_size, lr: every toy SAE's training (Adam, betas (0, 0.999), constant lr).
+        l1_values, p_f3_values: the combination toy's grid of L1 coefficients and f3 firing
+            probabilities (no penalty; trained stacked).
+        grid_seeds: seeds per grid point.
+        penalty_l1, penalty_p_f3: the grid point where the penalty is tried on the combination toy.
+        coefficients: the post's pairwise penalty's coefficients (mean |cos| over pairs), besides 0.
+        ortsae_coefficients: OrtSAE's chunked penalty's gamma (BatchTopK + AuxK), besides 0.
+        seeds: seeds of every penalised SAE and its baseline.
+        hedging_widths: the narrow widths of the 50-feature toy (P15's) for hedging.
+        hedging_steps: training steps of those SAEs.
+        eval_samples: fresh samples every SAE is measured on.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    l1_values: tuple[float, ...]
+    p_f3_values: tuple[float, ...]
+    grid_seeds: int
+    penalty_l1: float
+    penalty_p_f3: float
+    coefficients: tuple[float, ...]
+    ortsae_coefficients: tuple[float, ...]
+    seeds: int
+    hedging_widths: tuple[int, ...]
+    hedging_steps: int
+    eval_samples: int
+
+    def __post_init__(self) -> None:
+        if self.penalty_l1 not in self.l1_values or self.penalty_p_f3 not in self.p_f3_values:
+            raise ParameterError(f"penalty_l1={self.penalty_l1} and penalty_p_f3={self.penalty_p_f3} must be points of the "
+                                 f"grid l1_values={list(self.l1_values)}, p_f3_values={list(self.p_f3_values)}.")
+        if any(c <= 0 for c in (*self.coefficients, *self.ortsae_coefficients)):
+            raise ParameterError("coefficients and ortsae_coefficients must be > 0 (0, no penalty, is always trained).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Measured: SAELens' trainer takes about 1.6 ms a step for these toys on one core (2 cores shared
+# with other work), so the penalised SAEs (about 40 of them) stay within a few minutes.
+PAPER_TRUE_FEATURES = TrueFeaturesScale(steps=10_000, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3, 0.5),
+                                        p_f3_values=(0.005, 0.01, 0.02, 0.05, 0.1), grid_seeds=8, penalty_l1=0.2,
+                                        penalty_p_f3=0.02, coefficients=(0.03, 0.1, 0.3, 1.0), ortsae_coefficients=(0.25, 1.0),
+                                        seeds=8, hedging_widths=(15, 20, 25, 30), hedging_steps=24_415, eval_samples=50_000)
+SMALL_TRUE_FEATURES = TrueFeaturesScale(steps=2500, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3),
+                                        p_f3_values=(0.005, 0.02, 0.08), grid_seeds=4, penalty_l1=0.2, penalty_p_f3=0.02,
+                                        coefficients=(0.1, 0.3, 1.0), ortsae_coefficients=(0.25, 1.0), seeds=4,
+                                        hedging_widths=(15, 25), hedging_steps=3000, eval_samples=20_000)
+CI_TRUE_FEATURES = TrueFeaturesScale(steps=150, batch_size=128, lr=3e-3, l1_values=(0.03, 0.2), p_f3_values=(0.005, 0.08),
+                                     grid_seeds=2, penalty_l1=0.2, penalty_p_f3=0.005, coefficients=(0.3,),
+                                     ortsae_coefficients=(0.25,), seeds=2, hedging_widths=(15,), hedging_steps=150,
+                                     eval_samples=2000)
+
+
+@dataclass(frozen=True)
 class Profile:
     """The numbers a profile sets.
 
@@ -367,6 +429,7 @@ class Profile:
         saebench: the numbers of the SAEBench evaluation.
         matryoshka_llm: the numbers of notebook 06's LLM SAEs.
         ground_truth: the numbers of notebook 07 (SAEs on a synthetic model).
+        true_features: the numbers of notebook 08 (the "true features" post; orthogonality).
     """
 
     name: str
@@ -383,6 +446,7 @@ class Profile:
     saebench: SAEBenchScale = field(repr=False, default=None)  # type: ignore[assignment]
     matryoshka_llm: MatryoshkaLLMScale = field(repr=False, default=None)  # type: ignore[assignment]
     ground_truth: GroundTruthScale = field(repr=False, default=None)  # type: ignore[assignment]
+    true_features: TrueFeaturesScale = field(repr=False, default=None)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, each scale's by its own ``to_dict`` (derived values included): what a
@@ -447,7 +511,8 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile(name="ci", toy_steps=400, toy_batch_size=500, balance_steps=400, balance_batch_size=128,
                   hedging_toy_steps=200, growing_group_samples=51_200, growing_total_samples=512_000,
                   sweep_points=3, seeds=1, llm=CI_LLM, saebench=CI_SAEBENCH,
-                  matryoshka_llm=CI_MATRYOSHKA_LLM, ground_truth=CI_GROUND_TRUTH),
+                  matryoshka_llm=CI_MATRYOSHKA_LLM, ground_truth=CI_GROUND_TRUTH,
+                  true_features=CI_TRUE_FEATURES),
     # Toy SAEs at the authors' step counts and batch sizes (trained together, see
     # hedging_utils.training); P15 (8,192 + 8,192 steps, 2 seeds), the growing toy and the sweeps
     # are cut so that every notebook together runs within an hour on 2 CPU cores (the authors':
@@ -456,12 +521,14 @@ PROFILES: dict[str, Profile] = {
                      balance_batch_size=128,
                      hedging_toy_steps=8_192, growing_group_samples=512_000, growing_total_samples=7_680_000,
                      sweep_points=7, seeds=2, llm=SMALL_LLM, saebench=SMALL_SAEBENCH,
-                     matryoshka_llm=SMALL_MATRYOSHKA_LLM, ground_truth=SMALL_GROUND_TRUTH),
+                     matryoshka_llm=SMALL_MATRYOSHKA_LLM, ground_truth=SMALL_GROUND_TRUTH,
+                     true_features=SMALL_TRUE_FEATURES),
     "paper": Profile(name="paper", toy_steps=AUTHORS_TOY_STEPS, toy_batch_size=500, balance_steps=AUTHORS_TOY_STEPS,
                      balance_batch_size=128,
                      hedging_toy_steps=AUTHORS_TOY_STEPS, growing_group_samples=1_024_000, growing_total_samples=15_360_000,
                      sweep_points=11, seeds=4, llm=PAPER_LLM, saebench=PAPER_SAEBENCH,
-                     matryoshka_llm=PAPER_MATRYOSHKA_LLM, ground_truth=PAPER_GROUND_TRUTH),
+                     matryoshka_llm=PAPER_MATRYOSHKA_LLM, ground_truth=PAPER_GROUND_TRUTH,
+                     true_features=PAPER_TRUE_FEATURES),
 }
 
 
