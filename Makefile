@@ -52,6 +52,7 @@ benchmark: env
 	$(BIN)/python benchmarks/toy_step_profile.py
 	$(BIN)/python benchmarks/activation_caching.py
 	$(BIN)/python benchmarks/llm_training.py
+	$(BIN)/python benchmarks/orthogonality_cost.py
 
 lab: env
 	$(BIN)/jupyter lab notebooks
