@@ -10,11 +10,13 @@ go to f3. The post gives no numbers; ``combination_toy``'s defaults are this pro
 
 ``classify_latents`` names each latent of a trained SAE by its decoder direction (as the post
 reads the learned directions): ``f1``, ``f2``, ``f3``, ``f1+f2`` (a decoder in the plane of f1
-and f2 with a real share of both), ``other`` or ``dead`` (never fires on the evaluation
-samples). ``outcome`` sums an SAE up: ``true features`` (f1, f2 and f3 each have a latent, and
+and f2 with a real share of both), ``f1-f2`` (the same with opposite signs: with f1+f2, an
+orthogonal basis of the plane rotated away from the features), ``other`` or ``dead`` (never
+fires on the evaluation samples). ``outcome`` sums an SAE up: ``true features`` (f1, f2 and f3 each have a latent, and
 no latent is a combination), ``combination`` (latents for f1, f2 and f1+f2, none for f3: the
 post's prediction for 3 latents), ``combination + f3`` (latents for f1, f2, f1+f2 and f3: its
-prediction for 4), or ``other`` (e.g. a dead latent in place of f3, or, at an L1 coefficient
+prediction for 4), ``rotated`` (f1+f2 and f1-f2 latents in place of f1 and f2: orthogonal, yet
+not the features), or ``other`` (e.g. a dead latent in place of f3, or, at an L1 coefficient
 so high that a lone feature is not worth a latent, only f1+f2 and f3).
 """
 
@@ -30,8 +32,8 @@ import torch
 from hedging_utils.profiles import ParameterError, check_positive_int, check_probability
 from hedging_utils.toys import ConditionalFiring, ToySetting
 
-LATENT_KINDS = ("f1", "f2", "f3", "f1+f2", "other", "dead")
-OUTCOMES = ("true features", "combination", "combination + f3", "other")
+LATENT_KINDS = ("f1", "f2", "f3", "f1+f2", "f1-f2", "other", "dead")
+OUTCOMES = ("true features", "combination", "combination + f3", "rotated", "other")
 
 
 def combination_toy(p_f1: float = 0.3, p_f2_given_f1: float = 0.7, p_f2_given_not_f1: float = 0.15, p_f3: float = 0.02,
@@ -65,7 +67,8 @@ class Classification:
         match_cos: a latent is ``fi`` when cos(decoder, f_i) exceeds this.
         plane_share: a latent is ``f1+f2`` when the share of its unit decoder inside the plane
             of f1 and f2 (the norm of its projection there) exceeds this...
-        min_component: ...and its cosine with each of f1 and f2 exceeds this.
+        min_component: ...and its cosine with each of f1 and f2 exceeds this (``f1-f2``: their
+            absolute values do, with opposite signs).
     """
 
     match_cos: float = 0.9
@@ -108,6 +111,8 @@ def classify_latents(sae: Any, features: torch.Tensor, activations: torch.Tensor
             kind = "f2"
         elif share > rule.plane_share and min(c[0], c[1]) > rule.min_component:
             kind = "f1+f2"
+        elif share > rule.plane_share and min(abs(c[0]), abs(c[1])) > rule.min_component and c[0] * c[1] < 0:
+            kind = "f1-f2"
         else:
             kind = "other"
         rows.append({"latent": i, "cos_f1": float(c[0]), "cos_f2": float(c[1]), "cos_f3": float(c[2]),
@@ -118,6 +123,8 @@ def classify_latents(sae: Any, features: torch.Tensor, activations: torch.Tensor
 def outcome(kinds: Any) -> str:
     """An SAE's outcome (``OUTCOMES``) from its latents' kinds."""
     kinds = set(kinds)
+    if {"f1+f2", "f1-f2"} <= kinds and not kinds & {"f1", "f2"}:
+        return "rotated"
     if not {"f1", "f2"} <= kinds:
         return "other"
     if "f1+f2" in kinds:

@@ -356,9 +356,11 @@ class TrueFeaturesScale:
             probabilities (no penalty; trained stacked).
         grid_seeds: seeds per grid point.
         penalty_l1, penalty_p_f3: the grid point where the penalty is tried on the combination toy.
+        combination_seeds: seeds of the penalised combination-toy SAEs (and their baselines):
+            their outcomes are discrete, so they need more seeds than the others.
         coefficients: the post's pairwise penalty's coefficients (mean |cos| over pairs), besides 0.
         ortsae_coefficients: OrtSAE's chunked penalty's gamma (BatchTopK + AuxK), besides 0.
-        seeds: seeds of every penalised SAE and its baseline.
+        seeds: seeds of the absorption and hedging SAEs, penalised and not.
         hedging_widths: the narrow widths of the 50-feature toy (P15's) for hedging.
         hedging_steps: training steps of those SAEs.
         eval_samples: fresh samples every SAE is measured on.
@@ -372,6 +374,7 @@ class TrueFeaturesScale:
     grid_seeds: int
     penalty_l1: float
     penalty_p_f3: float
+    combination_seeds: int
     coefficients: tuple[float, ...]
     ortsae_coefficients: tuple[float, ...]
     seeds: int
@@ -390,18 +393,20 @@ class TrueFeaturesScale:
         return asdict(self)
 
 
-# Measured: SAELens' trainer takes about 1.6 ms a step for these toys on one core (2 cores shared
-# with other work), so the penalised SAEs (about 40 of them) stay within a few minutes.
+# SAELens' trainer takes 1.6-3 ms a step for these toys (one core; 2 cores shared with other
+# work), so `small` keeps to about 36 penalised SAEs of 2,000 steps; the unpenalised grid trains
+# stacked (192 SAEs in about 35 s).
 PAPER_TRUE_FEATURES = TrueFeaturesScale(steps=10_000, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3, 0.5),
-                                        p_f3_values=(0.005, 0.01, 0.02, 0.05, 0.1), grid_seeds=8, penalty_l1=0.2,
-                                        penalty_p_f3=0.02, coefficients=(0.03, 0.1, 0.3, 1.0), ortsae_coefficients=(0.25, 1.0),
-                                        seeds=8, hedging_widths=(15, 20, 25, 30), hedging_steps=24_415, eval_samples=50_000)
-SMALL_TRUE_FEATURES = TrueFeaturesScale(steps=2500, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3),
-                                        p_f3_values=(0.005, 0.02, 0.08), grid_seeds=4, penalty_l1=0.2, penalty_p_f3=0.02,
-                                        coefficients=(0.1, 0.3, 1.0), ortsae_coefficients=(0.25, 1.0), seeds=4,
-                                        hedging_widths=(15, 25), hedging_steps=3000, eval_samples=20_000)
+                                        p_f3_values=(0.005, 0.01, 0.02, 0.05, 0.1), grid_seeds=16, penalty_l1=0.2,
+                                        penalty_p_f3=0.02, combination_seeds=16, coefficients=(0.03, 0.1, 0.3, 1.0),
+                                        ortsae_coefficients=(0.25, 1.0), seeds=4, hedging_widths=(15, 20, 25, 30),
+                                        hedging_steps=24_415, eval_samples=50_000)
+SMALL_TRUE_FEATURES = TrueFeaturesScale(steps=2000, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3),
+                                        p_f3_values=(0.005, 0.02, 0.08), grid_seeds=8, penalty_l1=0.2, penalty_p_f3=0.02,
+                                        combination_seeds=6, coefficients=(0.3, 1.0), ortsae_coefficients=(0.25, 1.0), seeds=2,
+                                        hedging_widths=(15, 25), hedging_steps=2000, eval_samples=20_000)
 CI_TRUE_FEATURES = TrueFeaturesScale(steps=150, batch_size=128, lr=3e-3, l1_values=(0.03, 0.2), p_f3_values=(0.005, 0.08),
-                                     grid_seeds=2, penalty_l1=0.2, penalty_p_f3=0.005, coefficients=(0.3,),
+                                     grid_seeds=2, penalty_l1=0.2, penalty_p_f3=0.005, combination_seeds=2, coefficients=(0.3,),
                                      ortsae_coefficients=(0.25,), seeds=2, hedging_widths=(15,), hedging_steps=150,
                                      eval_samples=2000)
 

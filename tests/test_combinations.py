@@ -41,17 +41,18 @@ def test_latents_are_named_by_their_decoder_direction():
     f = toy.features
     other = torch.zeros(toy.d_model)
     other[:] = torch.linalg.svd(torch.cat([f, torch.zeros(1, toy.d_model)]))[2][-1]  # orthogonal to f1, f2, f3
-    rows = [f[0], f[1], (f[0] + f[1]) / math.sqrt(2), f[2], other, 0.6 * f[0] + 0.8 * f[2]]
+    rows = [f[0], f[1], (f[0] + f[1]) / math.sqrt(2), f[2], other, 0.6 * f[0] + 0.8 * f[2], (f[1] - f[0]) / math.sqrt(2)]
     x = toy.feature_dict(toy.sample_feature_activations(2000, seed=1)).detach()
     sae = sae_with_decoder(toy, rows)
     with torch.no_grad():
         sae.b_enc[4] = -0.1  # along a direction no input has, behind a threshold: it never fires
     kinds = classify_latents(sae, f, x)["kind"].tolist()
-    assert kinds == ["f1", "f2", "f1+f2", "f3", "dead", "other"]
+    assert kinds == ["f1", "f2", "f1+f2", "f3", "dead", "other", "f1-f2"]
     assert classify_latents(sae_with_decoder(toy, rows), f)["kind"].tolist()[4] == "other"  # without samples, not checked
     assert outcome(["f1", "f2", "f1+f2"]) == "combination"
     assert outcome(["f1", "f2", "f3"]) == "true features"
     assert outcome(["f1", "f2", "f1+f2", "f3"]) == "combination + f3"
+    assert outcome(["f1+f2", "f1-f2", "f3"]) == "rotated"
     assert outcome(["f1+f2", "f3", "dead"]) == "other" and outcome(["f1", "f2", "dead"]) == "other"
 
 
