@@ -245,16 +245,18 @@ for _cls, _cfg in (
 
 
 def orthogonal_job(make_job: Any, *args: Any, architecture: str = "standard", orthogonality_coefficient: float = 0.0,
-                   **kwargs: Any) -> Job:
+                   stacked_baseline: bool = True, **kwargs: Any) -> Job:
     """A training job from ``make_job`` (e.g. ``toys.toy_job``) with the penalty: ``architecture``
-    is the plain one (``standard`` or ``batchtopk``); with ``orthogonality_coefficient`` 0 the
-    job is the plain architecture's (it trains stacked), otherwise the penalised one's, whose
+    is the plain one (``standard`` or ``batchtopk``). With ``orthogonality_coefficient`` 0 and
+    ``stacked_baseline`` the job is the plain architecture's (it trains stacked, the same
+    trajectory up to float rounding); otherwise the penalised architecture's (with coefficient 0:
+    the same trainer and arithmetic as the penalised SAEs, bit for bit the plain loss), whose
     cache key carries ``ORTHOGONALITY_CODE``. Other ``orthogonality_*`` keyword arguments go to
     the config."""
     if architecture not in ARCHITECTURES:
         raise ParameterError(f"architecture={architecture!r} has no orthogonal variant; use one of {list(ARCHITECTURES)}.")
     coefficient = check_non_negative("orthogonality_coefficient", orthogonality_coefficient)
-    if coefficient == 0:
+    if coefficient == 0 and stacked_baseline:
         extra = {k: v for k, v in kwargs.items() if not k.startswith("orthogonality_")}
         return make_job(*args, architecture=architecture, **extra)
     job = make_job(*args, architecture=ARCHITECTURES[architecture], orthogonality_coefficient=coefficient, **kwargs)

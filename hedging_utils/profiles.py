@@ -359,7 +359,8 @@ class TrueFeaturesScale:
         combination_seeds: seeds of the penalised combination-toy SAEs (and their baselines):
             their outcomes are discrete, so they need more seeds than the others.
         coefficients: the post's pairwise penalty's coefficients (mean |cos| over pairs), besides 0.
-        ortsae_coefficients: OrtSAE's chunked penalty's gamma (BatchTopK + AuxK), besides 0.
+        ortsae_coefficients: OrtSAE's chunked penalty's gamma (BatchTopK + AuxK), besides 0; the
+            hedging toy uses the largest.
         seeds: seeds of the absorption and hedging SAEs, penalised and not.
         hedging_widths: the narrow widths of the 50-feature toy (P15's) for hedging.
         hedging_steps: training steps of those SAEs.

@@ -145,6 +145,10 @@ def test_they_train_with_sae_lens_and_reload_from_the_cache(tmp_path):
     assert max_decoder_cosine(saes[1.0].W_dec) < max_decoder_cosine(saes[0.0].W_dec)
     again = train_saes(jobs, TrainSettings(steps=60, batch_size=32, lr=1e-2), kind="t", progress=False)
     assert torch.equal(again[1.0].W_dec, saes[1.0].W_dec)
+    # a baseline on SAELens' path: the penalised architecture with coefficient 0
+    same_path = orthogonal_job(toy_job, toy, 3, batch_size=32, l1_coefficient=0.01, orthogonality_coefficient=0.0,
+                               stacked_baseline=False, init="random")
+    assert same_path.sae.cfg.architecture() == "orthogonal_standard" and not StackedSAEs.supports(same_path.sae)
     cls, _ = get_sae_training_class("orthogonal_batchtopk")
     assert cls is OrthogonalBatchTopKTrainingSAE
 
