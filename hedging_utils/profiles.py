@@ -395,8 +395,9 @@ class TrueFeaturesScale:
 
 
 # SAELens' trainer takes 1.6-3 ms a step for these toys (one core; 2 cores shared with other
-# work), so `small` keeps to about 36 penalised SAEs of 2,000 steps; the unpenalised grid trains
-# stacked (192 SAEs in about 35 s).
+# work), so `small` keeps to 36 penalised SAEs of 2,000 steps; the unpenalised grid trains stacked
+# (192 SAEs in about 30 s). Measured: notebook 08 on `small` in 327 s of wall time and 231 s of CPU
+# time on 2 cores shared with a full regeneration (load 3.5); `ci` in about 35 s.
 PAPER_TRUE_FEATURES = TrueFeaturesScale(steps=10_000, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3, 0.5),
                                         p_f3_values=(0.005, 0.01, 0.02, 0.05, 0.1), grid_seeds=16, penalty_l1=0.2,
                                         penalty_p_f3=0.02, combination_seeds=16, coefficients=(0.03, 0.1, 0.3, 1.0),
