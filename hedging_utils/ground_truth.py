@@ -7,7 +7,8 @@ dictionary orthogonalised as far as it goes), Zipfian firing, a forest of hierar
 mutually exclusive children and low-rank correlations between all features. This module
 
 - builds such a model from a seeded config (``synth_config``: SynthSAEBench-16k's recipe at any
-  number of features and dimensions) and streams its activations to the stacked trainer
+  number of features and dimensions), or loads the published SynthSAEBench-16k from the hub and
+  checks it against the recipe (``load_model``, ``recipe_differences``), and streams its activations to the stacked trainer
   (``synth_stream``, ``synth_job``: ``hedging_utils.training.train_saes``);
 - matches each latent to its feature (``match_latents``) and measures *true hedging* per latent
   (``true_hedging``): the norm of the component of its unit decoder row outside its match's
@@ -25,6 +26,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -103,7 +105,7 @@ def synth_config(
     with ``recipe`` (SynthSAEBench-16k: 16,384 features, 768 dimensions, 128 roots, 100
     orthogonalisation steps). ``bias`` is the norm of the model's constant bias vector: 0 (the
     default) gives none, as the settings quoted for SynthSAEBench-16k list no bias (SAELens'
-    own default is a bias of norm 1). The published 16k model on the hub is not loaded here."""
+    own default is a bias of norm 1). ``load_model`` loads the published 16k model instead."""
     check_positive_int("num_features", num_features)
     check_positive_int("hidden_dim", hidden_dim)
     check_positive_int("hierarchy_roots", hierarchy_roots)
@@ -143,6 +145,74 @@ def _build(key: str) -> SyntheticModel:
 def build_model(cfg: SyntheticModelConfig) -> SyntheticModel:
     """The ``SyntheticModel`` of ``cfg`` (deterministic given its seed; built once per process)."""
     return _build(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+PUBLISHED_16K = "decoderesearch/synth-sae-bench-16k-v1"
+"""SynthSAEBench-16k as published on the Hugging Face hub (SAELens docs, "SynthSAEBench")."""
+
+RECIPE_IGNORED = ("seed", "dtype")
+"""Config fields ``recipe_differences`` leaves out: they say how a model was drawn, not its recipe."""
+
+
+def check_published(published: str) -> None:
+    """Before any compute: a ``published`` model (a hub repository id; "" for none) needs the hub
+    to answer and the repository to exist there."""
+    if not published:
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(published, timeout=10)
+    except RepositoryNotFoundError:
+        raise ParameterError(f"published={published!r} is not a model repository on the Hugging Face hub; "
+                             f"SynthSAEBench-16k is {PUBLISHED_16K!r}.") from None
+    except Exception as err:  # offline mode, no route, DNS, timeout
+        raise ParameterError(f"published={published!r} needs the Hugging Face hub, which this machine cannot reach "
+                             f"({type(err).__name__}). Run with profile='small' (the recipe built offline from its "
+                             "config), or on a machine with network access.") from None
+
+
+def load_model(cfg: SyntheticModelConfig, published: str = "") -> tuple[SyntheticModel, dict[str, Any]]:
+    """(the model, its differences from ``cfg``'s recipe). Without ``published`` the model is
+    ``build_model(cfg)`` (no differences); with it, the model published under that hub repository
+    (``SyntheticModel.from_pretrained``), compared field by field with ``cfg``
+    (``recipe_differences``) so that a figure records where the published model departs from the
+    recipe the notebook states."""
+    if not published:
+        return build_model(cfg), {}
+    check_published(published)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = SyntheticModel.from_pretrained(published)
+    return model, recipe_differences(model.cfg, cfg)
+
+
+def recipe_differences(actual: SyntheticModelConfig, expected: SyntheticModelConfig) -> dict[str, Any]:
+    """Every config field (dotted path into nested configs) where ``actual`` differs from
+    ``expected``, as ``{field: {"actual": ..., "expected": ...}}``; ``RECIPE_IGNORED`` aside."""
+    flat_a, flat_e = _flatten(actual.to_dict()), _flatten(expected.to_dict())
+    out = {}
+    for key in sorted(set(flat_a) | set(flat_e)):
+        if key.split(".")[-1] in RECIPE_IGNORED:
+            continue
+        a, e = flat_a.get(key), flat_e.get(key)
+        same = math.isclose(a, e, rel_tol=1e-6, abs_tol=1e-12) if _number(a) and _number(e) else a == e
+        if not same:
+            out[key] = {"actual": a, "expected": e}
+    return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
 
 
 def features_of(model: SyntheticModel) -> torch.Tensor:

@@ -279,6 +279,8 @@ class GroundTruthScale:
         eval_samples: fresh samples on which every SAE is evaluated.
         dead_feature_window: steps without firing after which a latent counts as dead (and
             BatchTopK's auxiliary loss revives it).
+        published: a hub repository holding the model to use instead of building it from the
+            recipe ("" builds it offline); the notebook records where it departs from the recipe.
     """
 
     num_features: int
@@ -300,6 +302,7 @@ class GroundTruthScale:
     hedging_seeds: int
     eval_samples: int
     dead_feature_window: int
+    published: str = ""
 
     def __post_init__(self) -> None:
         if self.hedging_seeds > self.seeds:
@@ -326,7 +329,8 @@ PAPER_GROUND_TRUTH = GroundTruthScale(num_features=16_384, hidden_dim=768, hiera
                                       widths=(1024, 2048, 4096, 8192, 16_384), k=34, l1_coefficient=2.0, batch_size=1024,
                                       lr=3e-4, train_samples=100_000_000, continued_samples=20_000_000, n_new=64,
                                       balance_width=4096, level_divisors=(64, 16, 4), multipliers=(0.0, 0.25, 0.5, 0.75, 1.0),
-                                      seeds=3, hedging_seeds=3, eval_samples=200_000, dead_feature_window=1000)
+                                      seeds=3, hedging_seeds=3, eval_samples=200_000, dead_feature_window=1000,
+                                      published="decoderesearch/synth-sae-bench-16k-v1")
 # The recipe at 1,024 features in 128 dimensions (8 trees, 680 features in hierarchies), SAEs of
 # 64 to 512 latents, each trained on 153,600 samples (and as many again for eq. 7's control and
 # extension: over fewer, BatchTopK's new latents stay dead, since AuxK revives them only after

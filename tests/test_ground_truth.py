@@ -6,21 +6,26 @@ import numpy as np
 import pytest
 import torch
 
+from hedging_utils import ground_truth
 from hedging_utils.ground_truth import (
+    PUBLISHED_16K,
     absorption,
     build_model,
+    check_published,
     evaluate,
     features_of,
     hierarchy_edges,
+    load_model,
     match_latents,
     most_correlated,
+    recipe_differences,
     relatives,
     synth_config,
     synth_job,
     synth_stream,
     true_hedging,
 )
-from hedging_utils.profiles import ParameterError
+from hedging_utils.profiles import ParameterError, resolve_profile
 from hedging_utils.training import make_sae
 
 
@@ -138,3 +143,50 @@ def test_most_correlated_excludes_the_feature_itself(model):
     top = most_correlated(model, 3)
     assert top.shape == (128, 3)
     assert not (top == np.arange(128)[:, None]).any()
+
+
+def test_recipe_differences_name_each_departing_field_and_ignore_the_seed():
+    assert recipe_differences(tiny_config(), synth_config(128, 32, hierarchy_roots=1, orthogonalization_steps=2, seed=7)) == {}
+    other = synth_config(128, 32, hierarchy_roots=1, orthogonalization_steps=3, bias=0.5, seed=0)
+    diff = recipe_differences(other, tiny_config())
+    assert diff["orthogonalization.num_steps"] == {"actual": 3, "expected": 2}
+    assert any(key.startswith("bias") for key in diff) and len(diff) == 2
+
+
+def test_the_paper_profile_loads_the_published_16k_model_and_the_others_build_it():
+    assert resolve_profile("paper").ground_truth.published == PUBLISHED_16K
+    assert resolve_profile("small").ground_truth.published == resolve_profile("ci").ground_truth.published == ""
+
+
+def test_a_published_model_needs_the_hub_and_says_so_before_any_compute(monkeypatch):
+    check_published("")  # nothing published: nothing to check
+
+    class Unreachable:
+        def model_info(self, repo_id, timeout):
+            raise ConnectionError("no route to host")
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Unreachable)
+    with pytest.raises(ParameterError, match="published='decoderesearch/synth-sae-bench-16k-v1' needs the Hugging Face hub.*profile='small'"):
+        check_published(PUBLISHED_16K)
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    class Missing:
+        def model_info(self, repo_id, timeout):
+            err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its constructor wants an HTTP response
+            Exception.__init__(err, "404")
+            raise err
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Missing)
+    with pytest.raises(ParameterError, match="'someone/no-such-model' is not a model repository.*synth-sae-bench-16k-v1"):
+        check_published("someone/no-such-model")
+
+
+def test_load_model_builds_offline_or_loads_the_published_model_and_reports_its_departures(monkeypatch, model):
+    built, departures = load_model(tiny_config())
+    assert departures == {} and built.cfg.to_dict() == model.cfg.to_dict()
+    published = build_model(synth_config(128, 32, hierarchy_roots=1, orthogonalization_steps=3, seed=1))
+    monkeypatch.setattr(ground_truth, "check_published", lambda repo: None)
+    monkeypatch.setattr(ground_truth.SyntheticModel, "from_pretrained", classmethod(lambda cls, repo: published))
+    loaded, departures = load_model(tiny_config(), "someone/model")
+    assert loaded is published and list(departures) == ["orthogonalization.num_steps"]
