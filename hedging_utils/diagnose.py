@@ -748,7 +748,7 @@ def _activations(plan: CLIPlan, tokens: int) -> tuple[torch.Tensor, float]:
 
     if plan.hook == f"blocks.{plan.layer}.hook_resid_post":
         source = cache_activations(plan.model.name, plan.layer, plan.corpus, context_size=plan.args.context_size,
-                                   n_tokens=tokens, shard_sequences=max(1, min(128, -(-tokens // plan.args.context_size))))[plan.layer]
+                                   n_tokens=tokens)[plan.layer]
         acts = source.training_tokens[0] / source.scale
         return acts, source.scale
     from sae_lens.training.activations_store import ActivationsStore
