@@ -52,13 +52,14 @@ def train(out: Path, tokens: int, layer: int) -> dict[str, Path]:
         if spec.get("reconstruction_loss") == "snap":
             spec["snap_step"] = steps // 2
         cfg_cls = get_sae_training_class(arch)[1]
-        sae_cfg = cfg_cls(d_in=640, d_sae=512, normalize_activations="none", **spec)
+        # SAELens scales activations to mean norm sqrt(d_in) while training and folds the scale into the saved SAE
+        sae_cfg = cfg_cls(d_in=640, d_sae=512, normalize_activations="expected_average_only_in", **spec)
         path = out / name
         cfg = LanguageModelSAERunnerConfig(
             sae=sae_cfg, model_name="google/gemma-3-270m", hook_name=f"blocks.{layer}.hook_resid_post",
             dataset_path="offline", is_dataset_tokenized=False, streaming=False, context_size=128,
             training_tokens=tokens, train_batch_size_tokens=batch, store_batch_size_prompts=8, n_batches_in_buffer=16,
-            lr=1e-3, lr_warm_up_steps=0, lr_decay_steps=0, dead_feature_window=max(1, steps // 10), device="cpu",
+            lr=2e-3, lr_warm_up_steps=0, n_batches_for_norm_estimate=8, lr_decay_steps=0, dead_feature_window=max(1, steps // 10), device="cpu",
             exclude_special_tokens=True, prepend_bos=True, n_checkpoints=0, checkpoint_path=None,
             output_path=str(path), logger=LoggingConfig(log_to_wandb=False), verbose=False, seed=0,
         )

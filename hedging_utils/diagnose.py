@@ -180,6 +180,7 @@ def training_form(
         if arch is None:
             arch = source_arch
             threshold = getattr(sae, "threshold", None)
+            threshold = threshold.detach() if threshold is not None else None
             if source_arch == "jumprelu" and threshold is not None and threshold.numel() > 1 \
                     and bool((threshold == threshold.flatten()[0]).all()) and float(threshold.flatten()[0]) > 0:
                 if activations is None:
@@ -347,7 +348,8 @@ class HedgingSummary:
         new_latents_alive: the share of new latents that fire on the evaluation sample, mean over
             seeds (0: they never learned anything, and h says nothing).
         verdict: ``holds`` / ``departs`` / ``inconclusive`` for ``HEDGES_CLAIM``: h beyond twice its
-            noise (the larger of ``h_spread`` and ``h_random_spread``; one seed: inconclusive);
+            noise (the larger of ``h_spread`` and ``h_random_spread``); inconclusive with one seed,
+            and when no new latent fires (``new_latents_alive`` 0);
             ``check`` has the numbers.
         settings: the ``DiagnoseSettings`` used; ``sae``: the SAE's architecture, training form,
             widths and the notes of ``training_form``.
@@ -509,9 +511,12 @@ def _measure(sae: Any, base: TrainingSAE[Any], notes: list[str], pairs: Mapping[
         sae={"architecture": sae.cfg.architecture(), "form": "training" if isinstance(sae, TrainingSAE) else "inference",
              "training_architecture": base.cfg.architecture(), "d_in": int(base.cfg.d_in), "d_sae": int(base.cfg.d_sae),
              "training_cfg": {k: v for k, v in base.cfg.to_dict().items() if k not in ("metadata",)}, "notes": notes})
-    if summary.new_latents_alive == 0:
-        summary.sae["notes"].append("no new latent fired on the evaluation sample: h measures nothing; raise tokens or "
-                                    "lower dead_feature_window")
+    if summary.new_latents_alive == 0:  # they learned only through a dead-latent loss, if at all: nothing was handed over
+        summary.verdict = "inconclusive"
+        summary.check = {**summary.check, "verdict": "inconclusive",
+                         "value": {**(summary.check.get("value") or {}), "reason": "no new latent fired"}}
+        summary.sae["notes"].append("no new latent fired on the evaluation sample, so none took a feature over and the "
+                                    "verdict is inconclusive whatever h is; raise tokens or lr, or lower dead_feature_window")
     return Diagnosis(summary, per_seed, latents, base, dict(pairs))
 
 

@@ -283,3 +283,25 @@ def test_command_writes_json_csv_and_plot(tmp_path, monkeypatch, capsys):
     assert record["hook"] == "blocks.6.hook_resid_post" and record["summary"]["settings"]["n_new_latents"] == 4
     assert record["summary"]["sae"]["training_architecture"] == "batchtopk"
     assert (out / "seeds.csv").exists() and (out / "latents.csv").exists() and (out / "diagnosis.png").exists()
+
+
+def test_a_training_form_save_loads_as_a_training_sae(tmp_path):
+    """``SAE.load_from_disk`` refuses a saved BatchTopK training SAE; the command's loader takes
+    the training class instead, and the diagnosis continues it as it is."""
+    torch.manual_seed(0)
+    sae = make_sae(16, 12, "batchtopk", k=3)
+    sae.save_model(tmp_path / "training")
+    loaded = load_sae(tmp_path / "training")
+    assert isinstance(loaded.sae, TrainingSAE) and loaded.sae.cfg.architecture() == "batchtopk"
+    result = diagnose(loaded.sae, torch.randn(2048, 16), n_new_latents=2, tokens=1024, seeds=1, batch_size=256, progress=False)
+    assert result.summary.sae["form"] == "training" and result.summary.verdict == "inconclusive"  # one seed: no spread
+
+
+def test_dead_new_latents_make_the_verdict_inconclusive():
+    """New latents that never fire took nothing over: whatever h is, the verdict is inconclusive."""
+    torch.manual_seed(0)
+    sae = make_sae(16, 12, "batchtopk", k=3)
+    result = diagnose(sae, torch.randn(2048, 16), n_new_latents=2, tokens=1024, seeds=2, batch_size=256, init_norm=1e-6,
+                      dead_feature_window=1000, progress=False)
+    assert result.summary.new_latents_alive == 0
+    assert result.summary.verdict == "inconclusive" and result.summary.check["value"]["reason"] == "no new latent fired"
