@@ -1,8 +1,8 @@
 """How much does *this* SAE hedge? Eq. 7's hedging degree for any SAELens SAE, in one call or one command.
 
 ``diagnose(sae, activations, n_new_latents=..., tokens=..., seeds=...)`` takes any SAELens SAE
-(standard, TopK, BatchTopK, JumpReLU, matryoshka and this project's balance-matryoshka and
-snap-loss variants; training or inference form) and activations in the units it was trained on,
+(standard, TopK, BatchTopK, JumpReLU, matryoshka and this project's balance-matryoshka,
+snap-loss and orthogonality-penalised variants; training or inference form) and activations in the units it was trained on,
 and runs the paper's §4 procedure on it:
 
 1. the SAE's *training form* (``training_form``): an inference SAE is converted back to the
@@ -53,6 +53,7 @@ import torch
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY, get_sae_training_class
 from sae_lens.saes.sae import SAE, TrainingSAE
 
+from hedging_utils import orthogonality as _orthogonality  # noqa: F401  (registers the orthogonality-penalised SAEs)
 from hedging_utils import variants as _variants  # noqa: F401  (registers the paper's architectures with SAELens)
 from hedging_utils.extension import ExtensionPair, PairSpec, extend_sae, extension_pairs
 from hedging_utils.figures import Check, verdict

@@ -168,6 +168,7 @@ def test_bad_input_to_the_call_names_the_parameter():
     ("balance matryoshka BatchTopK", "balance_matryoshka_batchtopk",
      dict(k=4, matryoshka_widths=[8, 32], coefficient_multiplier=0.5)),
     ("snap loss", "balance_matryoshka_batchtopk", dict(k=4, reconstruction_loss="snap", snap_step=20)),
+    ("orthogonality-penalised BatchTopK", "orthogonal_batchtopk", dict(k=4, orthogonality_coefficient=0.25)),
 ])
 def test_variants_train_through_sae_lens_runner_save_reload_and_diagnose(gt_model, tmp_path, name, architecture, cfg):
     """SAELens' own ``SyntheticSAERunner`` trains the registered variant (a few steps), saves it
@@ -193,8 +194,10 @@ def test_variants_train_through_sae_lens_runner_save_reload_and_diagnose(gt_mode
     assert form.cfg.architecture() == architecture
     if "matryoshka_widths" in cfg:
         assert form.cfg.matryoshka_widths == [8, 32] and form.cfg.coefficient_multiplier == 0.5
-    else:
+    elif "reconstruction_loss" in cfg:
         assert form.cfg.reconstruction_loss == "snap" and form.cfg.snap_step == 0
+    else:
+        assert form.cfg.orthogonality_coefficient == 0.25
     assert np.isfinite(result.summary.h)
     # the command line's loader finds the runner's config by itself
     found = load_sae(tmp_path / "sae")
