@@ -542,7 +542,7 @@ def plot_diagnosis(diagnosis: Diagnosis):
     ax.hist(lat["projection_random"], bins=bins, alpha=0.5, label="random spans")
     ax.hist(lat["projection_new"], bins=bins, alpha=0.5, label="new latents' span")
     ax.set(xlabel="‖Proj(δ_i)‖ per original latent", ylabel="latents (all seeds)",
-           title=f"(b) {s.sae['architecture']} {s.sae['d_sae']} + {s.settings['n_new_latents']} latents")
+           title=f"(b) {s.sae['training_architecture']} {s.sae['d_sae']} + {s.settings['n_new_latents']} latents")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
