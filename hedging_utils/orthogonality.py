@@ -54,6 +54,8 @@ from sae_lens.saes.standard_sae import StandardSAEConfig, StandardTrainingSAE, S
 from typing_extensions import override
 
 from hedging_utils.cache import source_hash
+from hedging_utils.ground_truth import match_latents, true_hedging
+from hedging_utils.metrics import projection_norms
 from hedging_utils.profiles import ParameterError, check_non_negative, check_positive_int, check_seed
 from hedging_utils.training import Job, weights_hash
 
@@ -314,24 +316,18 @@ def toy_absorption(sae: Any, features: torch.Tensor, feature_acts: torch.Tensor,
 def unlatented_hedging(w_dec: Any, features: Any) -> dict[str, float]:
     """Hedging of the features an SAE has no latent for.
 
-    Each latent is matched to the feature its decoder is closest to; features matched by no
-    latent are *unlatented*. ``hedging`` is the mean over latents of the norm of the unit
-    decoder's component outside its own feature (``ground_truth.true_hedging``'s measure);
-    ``unlatented`` the mean norm of its projection on the span of the unlatented features
-    (what the latents carry of features they were not given); ``n_unlatented`` their count."""
-    w = unit_rows(torch.as_tensor(w_dec).detach().float())
-    f = unit_rows(torch.as_tensor(features).detach().float())
-    cos = w @ f.T
-    match = cos.argmax(dim=1)
-    residual = w - cos.gather(1, match[:, None]) * f[match]
+    Each latent is matched to the feature its decoder is closest to (``ground_truth.match_latents``);
+    features matched by no latent are *unlatented*. ``hedging`` is the mean over latents of
+    ``ground_truth.true_hedging`` (the norm of the unit decoder's component outside its own
+    feature); ``unlatented`` the mean norm of its projection on the span of the unlatented
+    features (``metrics.projection_norms``: what the latents carry of features they were not
+    given); ``n_unlatented`` their count."""
+    w = unit_rows(torch.as_tensor(w_dec).detach().float()).numpy()
+    f = unit_rows(torch.as_tensor(features).detach().float()).numpy()
+    match, _ = match_latents(w, f)
     unmatched = sorted(set(range(f.shape[0])) - set(match.tolist()))
-    if unmatched:
-        basis, _ = torch.linalg.qr(f[unmatched].T)  # the features are orthonormal in the toys; QR keeps it general
-        unlatented = (w @ basis).norm(dim=1)
-    else:
-        unlatented = torch.zeros(w.shape[0])
-    return {"hedging": float(residual.norm(dim=1).mean()), "unlatented": float(unlatented.mean()),
-            "n_unlatented": len(unmatched)}
+    return {"hedging": float(true_hedging(w, f)["hedging"].mean()),
+            "unlatented": float(projection_norms(w, f[unmatched]).mean()), "n_unlatented": len(unmatched)}
 
 
 def toy_measurements(sae: Any, features: torch.Tensor, feature_acts: torch.Tensor, *, parent: int | None = None,
