@@ -746,7 +746,8 @@ wider ones (LLM SAEs) keep the autograd loss ``StackedSAEs.loss``."""
 def _train_closed_form(model: StackedSAEs, jobs: Sequence[Job], settings: TrainSettings,
                        label: str | None) -> list[TrainingSAE[Any]]:
     """``_train_stacked`` for a stack ``ClosedFormStep`` supports: the same batches, loss,
-    per-SAE gradient clipping and Adam, with the gradients written out by hand."""
+    per-SAE gradient clipping and Adam (and for BatchTopK the same dead-latent window and
+    running threshold), with the gradients written out by hand."""
     step_fn = ClosedFormStep(model, settings)
     inputs = _stacked_batches(jobs)
     bar = _progress_bar(settings, label)
@@ -761,9 +762,11 @@ def _train_closed_form(model: StackedSAEs, jobs: Sequence[Job], settings: TrainS
 
 class ClosedFormStep:
     """One training step of a stack of ReLU + L1 SAEs (``standard`` and ``balance_matryoshka_standard``,
-    any levels, betas, detached levels, MSE / L2 / snap losses, L1 warm-up and floor) with the
-    gradients of ``StackedSAEs.loss`` in closed form, then ``_clip_per_sae`` and torch's Adam
-    (foreach, no weight decay), in a few dozen tensor operations on the whole stack.
+    any levels, betas, detached levels, MSE / L2 / snap losses, L1 warm-up and floor) or of
+    BatchTopK SAEs (``batchtopk`` and ``balance_matryoshka_batchtopk`` without decoder-norm
+    rescaling, with AuxK) with the gradients of ``StackedSAEs.loss`` in closed form, then
+    ``_clip_per_sae`` and torch's Adam (foreach, no weight decay), in a few dozen tensor
+    operations on the whole stack.
 
     Its weights live in one [S, P] tensor (``flat``), the model's parameters becoming views of
     it, and so do the gradients and Adam's moments: clipping and Adam are each a handful of
@@ -778,8 +781,13 @@ class ClosedFormStep:
         db_dec = -sum_b sum_m G_m - apply_b_dec_to_input * W_enc db_enc
 
     where for latent j in level k, Gsum_j and betasum_j sum G_m and beta_m over the levels
-    whose loss reaches latent j: m >= k, or only m = k with detached inner levels. The
-    equivalence tests (tests/test_training.py) hold this against SAELens' trainer in float64.
+    whose loss reaches latent j: m >= k, or only m = k with detached inner levels.
+
+    BatchTopK: acts = batch_topk(relu(h)) and c = 0, so dh = dL/dacts where acts > 0 (the
+    entries the batch kept); AuxK (``auxk_gradient``) adds its gradient at the dead latents each
+    input's auxiliary top-k picked. The step keeps SAELens' count of steps since each latent
+    fired and its running threshold, as ``_train_stacked`` does. The equivalence tests
+    (tests/test_training.py) hold all of this against SAELens' trainer in float64.
     """
 
     def __init__(self, model: StackedSAEs, settings: TrainSettings):
@@ -810,10 +818,13 @@ class ClosedFormStep:
         self.beta_latent = torch.cat([r[:, None].expand(-1, w - s) for r, s, w in zip(reach, starts, model.widths)], dim=1)
         self.mask = None if bool(model.latent_mask.all()) else model.latent_mask[:, :, None].to(self.flat.dtype)
         self._l1: tuple[int, torch.Tensor] | None = None
+        if model.topk:  # steps since each latent last fired (SAELens' dead-latent count), as _train_stacked keeps it
+            self.since_fired = torch.zeros(S, L, device=self.flat.device)
+            self.aux_coefficient = float(getattr(model.saes[0].cfg, "aux_loss_coefficient", 1.0))
 
     @staticmethod
     def supports(model: StackedSAEs) -> bool:
-        return (not model.topk and model.lp_norm == 1 and model.W_enc.shape[1] < CLOSED_FORM_MAX_D_IN
+        return (not model.rescale and model.lp_norm == 1 and model.W_enc.shape[1] < CLOSED_FORM_MAX_D_IN
                 and model.product_dtype != torch.bfloat16 and not torch.is_autocast_enabled())
 
     def l1_scale(self, step: int, batch: int) -> torch.Tensor:
@@ -841,19 +852,26 @@ class ClosedFormStep:
         return error * weight, torch.ones_like(mse)
 
     def __call__(self, x: torch.Tensor, step: int) -> None:
+        model = self.model
         W_enc_t, b_enc, W_dec, b_dec = self.W_enc_t, self.b_enc, self.W_dec, self.b_dec
         batch = x.shape[1]
         base = x - b_dec[:, None]
         sae_in = base if self.a == 1.0 else x - self.a * b_dec[:, None]
         # latent-space tensors are [S, L, B] (transposed): for narrow SAEs the matmuls are several times faster
         hidden_pre = torch.baddbmm(b_enc[:, :, None], W_enc_t, sae_in.transpose(1, 2))
-        acts = hidden_pre.relu()
-        if self.mask is not None:
-            acts.mul_(self.mask)
-        dec_norm = torch.linalg.vector_norm(W_dec, dim=-1)  # [S, L]
-        l1 = self.l1_scale(step, batch)
-        d_acts = (l1 * dec_norm)[:, :, None].expand(-1, -1, batch)
-        d_dec = (l1 * acts.sum(dim=-1) / dec_norm)[..., None] * W_dec
+        if model.topk:
+            dead = (self.since_fired > self.settings.dead_feature_window) & model.latent_mask
+            masked = hidden_pre if self.mask is None else hidden_pre * self.mask
+            acts = batch_topk(masked.transpose(1, 2), model.k).transpose(1, 2)
+            d_acts, d_dec = hidden_pre.new_zeros(hidden_pre.shape), torch.zeros_like(W_dec)  # no L1 term
+        else:
+            acts = hidden_pre.relu()
+            if self.mask is not None:
+                acts.mul_(self.mask)
+            dec_norm = torch.linalg.vector_norm(W_dec, dim=-1)  # [S, L]
+            l1 = self.l1_scale(step, batch)
+            d_acts = (l1 * dec_norm)[:, :, None].expand(-1, -1, batch)
+            d_dec = (l1 * acts.sum(dim=-1) / dec_norm)[..., None] * W_dec
         d_b_dec = None
         error = base
         for m, (lo, start, width) in enumerate(self.levels):
@@ -870,9 +888,16 @@ class ClosedFormStep:
                 d_dec = torch.cat([d_dec[:, :lo], d_dec[:, lo:width] - d_dec_m, d_dec[:, width:]], dim=1)
             out_m = g.sum(dim=1).mul_(scale[:, :, 0])
             d_b_dec = out_m if d_b_dec is None else d_b_dec + out_m
-        d_hidden = torch.ops.aten.threshold_backward(d_acts, hidden_pre, 0.0)  # ReLU's gradient
+        # ReLU's gradient (and BatchTopK's: only the kept entries, where acts > 0)
+        d_hidden = torch.ops.aten.threshold_backward(d_acts, acts if model.topk else hidden_pre, 0.0)
         if self.mask is not None:
             d_hidden.mul_(self.mask)
+        if model.topk:
+            if bool(dead.any()):
+                d_hidden, d_dec = self.auxk_gradient(error, hidden_pre, dead, d_hidden, d_dec)
+            self.since_fired += 1
+            self.since_fired.masked_fill_((acts > 0).any(dim=-1), 0)
+            model.update_topk_threshold(acts)
         d_b_enc = d_hidden.sum(dim=-1)
         d_b_dec = d_b_dec.neg_()
         if self.a != 0:
@@ -880,6 +905,25 @@ class ClosedFormStep:
         grads = [torch.bmm(d_hidden, sae_in), d_b_enc, d_dec, d_b_dec]
         torch.cat([g.flatten(1) for g in grads], dim=1, out=self.grad)
         self.clip_and_adam(step + 1)
+
+    def auxk_gradient(self, residual: torch.Tensor, hidden_pre: torch.Tensor, dead: torch.Tensor,
+                      d_hidden: torch.Tensor, d_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AuxK's gradient (``StackedSAEs.auxk_loss``) added to d_hidden [S, L, B] and d_dec [S, L, d].
+        Per SAE and input, the top k_aux = d_in / 2 dead latents' pre-activations a (no ReLU)
+        reconstruct the detached residual r [S, B, d]: loss = coef scale mean_b |r - a W_dec|^2,
+        scale = min(1, dead / k_aux). With E = r - a W_dec and G = 2 coef scale E / B:
+        dL/da = -W_dec G^T at the picked entries, dL/dW_dec = -a^T G."""
+        num_dead = dead.sum(dim=1)
+        k_aux = residual.shape[-1] // 2
+        scale = (num_dead / k_aux).clamp(max=1.0)
+        top = torch.where(dead[:, :, None], hidden_pre, -torch.inf).topk(min(k_aux, int(num_dead.max())), dim=1)
+        keep = (torch.arange(top.values.shape[1], device=dead.device)[None, :] < num_dead.clamp(max=k_aux)[:, None])[:, :, None]
+        picked = torch.zeros_like(d_hidden).scatter_(1, top.indices, keep.expand_as(top.values).to(d_hidden.dtype))
+        aux_acts = torch.zeros_like(hidden_pre).scatter_(1, top.indices, torch.where(keep, top.values, 0.0))
+        error = torch.baddbmm(residual, aux_acts.transpose(1, 2), self.W_dec, alpha=-1.0)
+        g = error * (2.0 * self.aux_coefficient / residual.shape[1] * scale)[:, None, None]
+        d_hidden = d_hidden.addcmul_(torch.bmm(self.W_dec, g.transpose(1, 2)), picked, value=-1.0)
+        return d_hidden, d_dec - torch.bmm(aux_acts, g)
 
     def clip_and_adam(self, t: int) -> None:
         """``_clip_per_sae`` then torch's Adam (foreach, no weight decay) at step ``t``, on ``flat``."""

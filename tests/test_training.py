@@ -54,6 +54,11 @@ SWEEPS = {
                                                        matryoshka_widths=[1, 2], detach_inner_levels=True),
                                [dict(level_coefficients=[0.5, 0.2]), {}]),
     "batchtopk with AuxK": (TWENTY, 16, dict(architecture="batchtopk", k=3, init="random"), [{}, {}]),
+    "batchtopk with AuxK, no decoder-norm rescaling (P15)": (
+        TWENTY, 16, dict(architecture="batchtopk", init="random", rescale_acts_by_decoder_norm=False), [dict(k=3), dict(k=2)]),
+    "balance matryoshka batchtopk, no decoder-norm rescaling": (
+        TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", k=3, init="random", matryoshka_widths=[4, 8],
+                         coefficient_multiplier=0.5, rescale_acts_by_decoder_norm=False), [{}, dict(detach_inner_levels=True)]),
     "balance matryoshka batchtopk": (TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", k=3, init="random",
                                                       matryoshka_widths=[4, 8], coefficient_multiplier=0.5), [{}, {}]),
     "balance matryoshka batchtopk, mixed K and losses": (
@@ -117,6 +122,8 @@ PLANTED = {  # fault: (sweep, the paths it reaches, class, method, replacement)
     "beta_m ignored": ("balance matryoshka, beta sweep", BOTH, StackedSAEs, "betas", None),
     "AuxK dropped": ("batchtopk with AuxK", ("autograd",), StackedSAEs, "auxk_loss",
                      lambda self, residual, *a: residual.new_zeros(residual.shape[0])),
+    "AuxK dropped (closed form)": ("batchtopk with AuxK, no decoder-norm rescaling (P15)", ("closed form",), ClosedFormStep, "auxk_gradient",
+                                   lambda self, residual, hidden_pre, dead, d_hidden, d_dec: (d_hidden, d_dec)),
     "snap never switches to L2": ("detached, snap loss", ("autograd",), StackedSAEs, "reconstruction_loss",
                                   lambda self, error, step: torch.linalg.vector_norm(error, dim=-1).pow(2).mean(dim=1)),
     "snap never switches to L2 (closed form)": ("detached, snap loss", ("closed form",), ClosedFormStep, "level_gradient",
@@ -203,10 +210,14 @@ def test_make_sae_builds_any_registered_architecture():
     assert make_sae(6, 3, "balance_matryoshka_batchtopk", k=1).cfg.d_sae == 3
 
 
-def test_batchtopk_saes_of_different_widths_share_a_padded_stack():
+@pytest.mark.parametrize("rescale", [True, False])
+def test_batchtopk_saes_of_different_widths_share_a_padded_stack(rescale):
+    """Padded BatchTopK stacks, with decoder-norm rescaling (the autograd loss) and without it
+    (``ClosedFormStep``, as notebook 04's P15 sweep trains)."""
     jobs = {w: in_float64(toy_job(TWENTY, w, batch_size=200, seed=w, architecture="batchtopk", k=2.5, init="random",
                                   rescale_acts_by_decoder_norm=rescale))
-            for w, rescale in ((8, True), (12, True))}
+            for w in (8, 12)}
+    assert ClosedFormStep.supports(StackedSAEs([job.sae for job in jobs.values()])) == (not rescale)
     settings = TrainSettings(steps=60, batch_size=200, dead_feature_window=5)
     stacked = train_together(jobs, settings, progress=False)
     for w, job in jobs.items():
@@ -361,3 +372,21 @@ def test_the_levels_closed_form_gradient_is_autograds(detach):
         assert torch.allclose(a, b, atol=1e-12)
     if not detach:
         assert torch.autograd.gradcheck(lambda *t: _NestedErrors.apply(*t, widths, False, torch.float64), inputs)
+
+
+def test_a_toy_stack_trains_to_the_same_bits_with_one_thread_as_with_two():
+    """What lets ``figures.run_notebooks`` run the toy notebooks side by side with one torch
+    thread each: their stacked training gives bit-identical SAEs with one thread and with two."""
+    toy, width, common, variants = SWEEPS["batchtopk with AuxK, no decoder-norm rescaling (P15)"]
+    jobs = {i: toy_job(toy, width, batch_size=200, seed=i, **common, **v) for i, v in enumerate(variants)}
+    settings = TrainSettings(steps=40, batch_size=200, dead_feature_window=5)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(train_together(jobs, settings, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    for i in jobs:
+        assert all(torch.equal(getattr(runs[0][i], p), getattr(runs[1][i], p)) for p in ("W_enc", "b_enc", "W_dec", "b_dec"))
