@@ -20,6 +20,7 @@ the notebooks in order with papermill (what ``make figures`` runs).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -34,8 +36,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hedging_utils.cache import code_version, notebook_source, source_hash
-from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, figures_dir, resolve_profile
+from hedging_utils.cache import code_version, imported_modules, module_closure, notebook_source, source_hash
+from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, check_positive_int, figures_dir, resolve_profile
 from hedging_utils.progress import PROGRESS_LOG_ENV, echo
 
 MANIFEST = "manifest.json"
@@ -206,10 +208,17 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 
 
 def update_manifest(out_dir: Path, entries: dict[str, Any]) -> None:
-    manifest = read_manifest(out_dir)
-    manifest.update(entries)
-    ordered = dict(sorted(manifest.items(), key=lambda kv: _figure_sort_key(kv[0])))
-    _atomic(Path(out_dir) / MANIFEST, lambda p: Path(p).write_text(json.dumps(ordered, indent=1) + "\n"))
+    """Add ``entries`` to the manifest, under a lock: notebooks that run side by side
+    (``run_notebooks``) each add their figures without losing the other's."""
+    folder = os.open(out_dir, os.O_RDONLY)  # the lock is on the figures folder itself: no lock file
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        manifest = read_manifest(out_dir)
+        manifest.update(entries)
+        ordered = dict(sorted(manifest.items(), key=lambda kv: _figure_sort_key(kv[0])))
+        _atomic(Path(out_dir) / MANIFEST, lambda p: Path(p).write_text(json.dumps(ordered, indent=1) + "\n"))
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _figure_sort_key(figure_id: str) -> tuple[int, int, str]:
@@ -278,14 +287,31 @@ def check_parameters(todo: Sequence[Path], parameters: Mapping[str, Any]) -> Non
                              f"-p NAME VALUE 04`); their parameters are in each notebook's first code cell.")
 
 
+PARALLEL_THREADS = 1
+"""Torch threads of each notebook that runs beside another (``parallel_notebooks``)."""
+
+
+def parallel_notebooks(todo: Sequence[Path]) -> list[Path]:
+    """The notebooks of ``todo`` that run two (or as many as the machine has cores) at a time,
+    one torch thread each: those whose code never reaches the language-model modules (``llm``).
+    Their work is toy SAE training, bound by dispatching small tensor operations on one core,
+    which a second thread does not speed up, and stacked training gives the same numbers with
+    one thread as with two (a test checks it). The LLM notebooks are matmul-bound: they run one
+    at a time, afterwards, with every core."""
+    return [nb for nb in todo if "llm" not in module_closure(imported_modules(notebook_source(nb)))]
+
+
 def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
-                  out_dir: str | os.PathLike | None = None) -> None:
-    """Execute the notebooks in order with papermill under ``profile``.
+                  out_dir: str | os.PathLike | None = None, workers: int | None = None) -> None:
+    """Execute the notebooks with papermill under ``profile``.
 
     ``only``: notebook name prefixes (e.g. ``["01", "04"]``; empty: all). ``parameters``: values
     for the notebooks' parameters cells, checked against every notebook to run before any of
-    them starts (``check_parameters``). Executed copies and ``timings.json`` go to ``out_dir``
-    (default ``build/notebooks/<profile>/``, kept out of git)."""
+    them starts (``check_parameters``). The toy notebooks (``parallel_notebooks``) run first,
+    ``workers`` at a time (default: the machine's cores), each with ``PARALLEL_THREADS`` torch
+    thread; then the others in order, one at a time with every core. Executed copies and
+    ``timings.json`` (each notebook's wall time and torch threads) go to ``out_dir`` (default
+    ``build/notebooks/<profile>/``, kept out of git)."""
     import papermill as pm
 
     resolved = resolve_profile(profile)
@@ -294,38 +320,67 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
         raise ParameterError(f"no notebook starts with {list(only)}; the notebooks are {[nb.name for nb in notebooks()]}.")
     parameters = dict(parameters or {})
     check_parameters(todo, parameters)
+    workers = workers if workers is not None else max(1, os.cpu_count() or 1)
+    check_positive_int("workers", workers)
     from hedging_utils.reading import EXECUTED_DIR, publish
 
     out = Path(out_dir) if out_dir is not None else REPO_ROOT / "build" / "notebooks" / resolved.name
     out.mkdir(parents=True, exist_ok=True)
     log = out / "progress.log"
     log.write_text("")
-    previous = os.environ.get(PROGRESS_LOG_ENV)
-    os.environ[PROGRESS_LOG_ENV] = str(log)  # the kernels inherit it: bars into the log, one line in the notebook
     published = figures_dir(resolved) == REPO_ROOT / "figures"
-    timings = {}
+    timings: dict[str, dict[str, Any]] = {}
+    parallel = parallel_notebooks(todo)
+    phases = [(parallel, workers, PARALLEL_THREADS), ([nb for nb in todo if nb not in parallel], 1, None)]
+
+    def execute(nb: Path, threads: int | None) -> None:
+        print(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} (profile {resolved.name}"
+              f"{f', {threads} thread' if threads else ''})", flush=True)
+        start = time.perf_counter()
+        pm.execute_notebook(
+            str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
+            cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
+        )
+        timings[nb.name] = {"seconds": round(time.perf_counter() - start, 1), "threads": threads or os.cpu_count()}
+        if published:
+            size = publish(out / nb.name, EXECUTED_DIR / nb.name)
+            print(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}", flush=True)
+        print(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s", flush=True)
+
+    # the kernels inherit the environment: the progress log (bars there, one line in the notebook) and the threads
+    saved = {name: os.environ.get(name) for name in (PROGRESS_LOG_ENV, *THREAD_ENVS)}
+    os.environ[PROGRESS_LOG_ENV] = str(log)
     stop_echo = echo(log)
     try:
-        for i, nb in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {nb.name} (profile {resolved.name})", flush=True)
-            start = time.perf_counter()
-            pm.execute_notebook(
-                str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
-                cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
-            )
-            timings[nb.name] = round(time.perf_counter() - start, 1)
-            if published:
-                size = publish(out / nb.name, EXECUTED_DIR / nb.name)
-                print(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}", flush=True)
-            print(f"[{i}/{len(todo)}] {nb.name} done in {timings[nb.name]:.0f}s", flush=True)
+        for batch, n_workers, threads in phases:
+            for name in THREAD_ENVS:
+                if threads:
+                    os.environ[name] = str(threads)
+                elif saved[name] is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = saved[name]  # type: ignore[assignment]
+            if n_workers == 1 or len(batch) < 2:
+                for nb in batch:
+                    execute(nb, threads)
+            else:
+                with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                    for future in [pool.submit(execute, nb, threads) for nb in batch]:
+                        future.result()
     finally:
         stop_echo()
-        if previous is None:
-            os.environ.pop(PROGRESS_LOG_ENV, None)
-        else:
-            os.environ[PROGRESS_LOG_ENV] = previous
-    (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    ordered = {nb.name: timings[nb.name] for nb in todo if nb.name in timings}
+    (out / "timings.json").write_text(json.dumps(ordered, indent=1) + "\n")
     print(f"figures in {figures_dir(resolved)}; executed notebooks in {out}" + (f" and {EXECUTED_DIR}" if published else ""))
+
+
+THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""What sets a kernel's torch (and BLAS) threads at its start."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

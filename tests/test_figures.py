@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from hedging_utils.cache import source_hash
-from hedging_utils.figures import Check, FigureWriter, check, figure_verdict, main, notebook_code_version, notebooks, verdict, parse_parameters, read_manifest, run_notebooks
+from hedging_utils.figures import (Check, FigureWriter, check, figure_verdict, main, notebook_code_version, notebooks, parallel_notebooks,
+                                   parse_parameters, read_manifest, run_notebooks, verdict)
 from hedging_utils.plotting import HEATMAP_COLUMNS, heatmap_grid, off_diagonal, similarity_frame, value_at
 from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae
@@ -169,7 +170,59 @@ def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"01_toy_models.ipynb", "04_growing_and_hedging_degree.ipynb"}
     executed.clear()
     run_notebooks("ci", out_dir=tmp_path)
-    assert [name for name, _, _ in executed] == [nb.name for nb in notebooks()] and len(executed) == len(list((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))) >= 7
+    names = [name for name, _, _ in executed]
+    toys = [nb.name for nb in parallel_notebooks(notebooks())]
+    assert sorted(names) == [nb.name for nb in notebooks()] and len(names) >= 8
+    # the toy notebooks first (side by side, so in any order), then the LLM notebooks in order
+    assert set(names[:len(toys)]) == set(toys) and names[len(toys):] == [n for n in sorted(names) if n not in toys]
+
+
+def test_the_toy_notebooks_are_those_that_never_reach_the_language_model():
+    assert [nb.name[:2] for nb in parallel_notebooks(notebooks())] == ["01", "02", "03", "07", "08"]
+
+
+def test_toy_notebooks_run_side_by_side_with_one_thread_and_the_others_alone_with_every_core(tmp_path, monkeypatch):
+    """Two toy notebooks are inside papermill at once (a barrier they both must reach), their
+    kernels start with one thread; the LLM notebooks start with the caller's environment, which
+    the runner restores."""
+    import threading
+
+    import papermill as pm
+
+    monkeypatch.delenv("HEDGING_PROGRESS_LOG", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    barrier, seen = threading.Barrier(2, timeout=20), {}
+
+    def execute(source, target, parameters, **kw):
+        name = Path(source).name
+        seen[name] = os.environ.get("OMP_NUM_THREADS")
+        if name[:2] in ("01", "02"):
+            barrier.wait()  # raises BrokenBarrierError if the two never run at the same time
+
+    monkeypatch.setattr(pm, "execute_notebook", execute)
+    run_notebooks("ci", ["01", "02", "04"], out_dir=tmp_path, workers=2)
+    assert seen == {"01_toy_models.ipynb": "1", "02_snap_loss.ipynb": "1", "04_growing_and_hedging_degree.ipynb": "7"}
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert list(timings) == ["01_toy_models.ipynb", "02_snap_loss.ipynb", "04_growing_and_hedging_degree.ipynb"]
+    assert timings["01_toy_models.ipynb"]["threads"] == 1
+    with pytest.raises(ParameterError, match="workers"):
+        run_notebooks("ci", ["01"], out_dir=tmp_path, workers=0)
+
+
+def test_notebooks_side_by_side_lose_no_manifest_entry(tmp_path):
+    import threading
+
+    from hedging_utils.figures import update_manifest
+
+    def add(i):
+        for j in range(20):
+            update_manifest(tmp_path, {f"X-{i}-{j}": {"n": j}})
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(read_manifest(tmp_path)) == 60
 
 
 @pytest.mark.parametrize("only,parameters,message", [
@@ -238,5 +291,5 @@ def test_the_default_profile_publishes_its_executed_notebooks_and_ci_does_not(tm
     run_notebooks("ci", ["01"], out_dir=tmp_path)
     assert published == []  # figures/ci/ is not committed, nor are its notebooks
     run_notebooks("small", ["01", "02"], out_dir=tmp_path)
-    assert published == [("01_toy_models.ipynb", reading.EXECUTED_DIR / "01_toy_models.ipynb"),
+    assert sorted(published) == [("01_toy_models.ipynb", reading.EXECUTED_DIR / "01_toy_models.ipynb"),
                          ("02_snap_loss.ipynb", reading.EXECUTED_DIR / "02_snap_loss.ipynb")]
