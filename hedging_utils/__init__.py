@@ -17,9 +17,22 @@ Modules, one concept each:
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
 - ``figures``: saving figures with their data and manifest entries, and running the notebooks;
-- ``cache``: settings-keyed, atomically written disk cache, and the source hash that keys follow the code with.
+- ``cache``: settings-keyed, atomically written disk cache, and the source hash that keys follow the code with;
+- ``diagnose``: the hedging diagnostic for any SAELens SAE: ``hedging_utils.diagnose(sae, activations, ...)``
+  or ``python -m hedging_utils.diagnose``. It loads on first use (the notebooks never import it).
 """
+
+import importlib
 
 from hedging_utils import variants as _variants  # noqa: F401  (registers the SAE architectures with SAELens)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``hedging_utils.diagnose``: the diagnostic module, which is also callable as its
+    ``diagnose`` function (``hedging_utils.diagnose(sae, activations, n_new_latents=...)``),
+    imported on first use so that the notebooks never load it."""
+    if name == "diagnose":
+        return importlib.import_module("hedging_utils.diagnose")
+    raise AttributeError(f"module 'hedging_utils' has no attribute {name!r}")

@@ -29,8 +29,8 @@ From a shell (offline by default, on the packaged Gemma 3 270M and the offline c
 writes ``diagnosis.json``, ``seeds.csv``, ``latents.csv`` and ``diagnosis.png`` into ``DIR``.
 Every argument is checked before anything is computed (``check_cli``).
 
-This module is imported explicitly (``from hedging_utils.diagnose import diagnose``); the
-package's ``__init__`` does not import it.
+Call it as ``hedging_utils.diagnose(sae, activations, ...)`` (this module is callable as its
+``diagnose`` function, and loads on first use) or ``from hedging_utils.diagnose import diagnose``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import io
 import json
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -55,12 +56,12 @@ from sae_lens.saes.sae import SAE, TrainingSAE
 
 from hedging_utils import orthogonality as _orthogonality  # noqa: F401  (registers the orthogonality-penalised SAEs)
 from hedging_utils import variants as _variants  # noqa: F401  (registers the paper's architectures with SAELens)
-from hedging_utils.extension import ExtensionPair, PairSpec, extend_sae, extension_pairs
+from hedging_utils.extension import ExtensionPair, PairSpec, extension_pairs
 from hedging_utils.figures import Check, verdict
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import check_precision
 from hedging_utils.profiles import ParameterError, check_positive_int, check_seed
-from hedging_utils.training import Job, Stream, TrainSettings, copy_sae, train_saes
+from hedging_utils.training import Stream, TrainSettings
 
 # ---------------------------------------------------------------------------------------
 # Settings
@@ -149,7 +150,6 @@ class DiagnoseSettings:
 # The SAE's training form
 
 
-_PER_LATENT = ("W_enc", "W_dec", "b_enc", "b_dec")
 _WARM_UPS = ("l1_warm_up_steps", "l0_warm_up_steps", "lr_warm_up_steps")
 
 
@@ -235,47 +235,6 @@ def training_form(
                              "whose architecture matches the SAE.")
     out.load_state_dict({k: state[k].to(target[k].dtype) for k in target})
     return out, notes
-
-
-def _extra_latent_tensors(sae: TrainingSAE[Any]) -> list[str]:
-    """Per-latent tensors beyond the encoder and decoder (JumpReLU's threshold)."""
-    d_sae = sae.cfg.d_sae
-    return [k for k, v in sae.state_dict().items() if k not in _PER_LATENT and v.ndim and v.shape[0] == d_sae]
-
-
-def extend_any(sae: TrainingSAE[Any], n_new: int, *, seed: int = 0, init_norm: float = 0.1) -> TrainingSAE[Any]:
-    """``extend_sae`` for any training SAE: where the SAE has per-latent tensors that
-    ``extend_sae`` does not extend (JumpReLU's ``threshold``), the new latents start with
-    encoder = decoder = the same random direction of norm ``init_norm`` as ``extend_sae``
-    draws, zero encoder bias, and threshold ``jumprelu_init_threshold`` (SAELens' initial
-    threshold)."""
-    extra = _extra_latent_tensors(sae)
-    if not extra:
-        return extend_sae(sae, n_new, init_norm=init_norm, seed=seed)
-    unknown = [k for k in extra if k != "threshold"]
-    if unknown:
-        raise ParameterError(f"sae: don't know how to extend its per-latent tensors {unknown}.")
-    old = sae.cfg.d_sae
-    cfg = sae.cfg.to_dict()
-    cfg["d_sae"] = old + n_new
-    extended = type(sae)(type(sae.cfg).from_dict(cfg))
-    direction = torch.randn(n_new, sae.cfg.d_in, generator=torch.Generator().manual_seed(seed))
-    direction = init_norm * direction / direction.norm(dim=1, keepdim=True)
-    new_threshold = float(getattr(sae.cfg, "jumprelu_init_threshold", 0.01))
-    state = {}
-    for name, value in sae.state_dict().items():
-        value = value.detach()
-        if name == "W_enc":
-            value = torch.cat([value, direction.T.to(value)], dim=1)
-        elif name == "W_dec":
-            value = torch.cat([value, direction.to(value)], dim=0)
-        elif name == "b_enc":
-            value = torch.cat([value, value.new_zeros(n_new)])
-        elif name == "threshold":
-            value = torch.cat([value, value.new_full((n_new,), new_threshold)])
-        state[name] = value.clone()
-    extended.load_state_dict(state)
-    return extended
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,21 +417,11 @@ def diagnose(
     base, notes = training_form(sae, training_cfg, sample)
     base.eval()
     train = settings.train_settings()
-    extra = _extra_latent_tensors(base)
     streams = {s: factory(settings.batch_size, s) for s in settings.seeds}
     keys = {s: {**data, "batch_size": settings.batch_size, "stream_seed": s} for s in settings.seeds}
-    if not extra:
-        specs = {s: PairSpec(base, streams[s], keys[s], 0, s) for s in settings.seeds}
-        pairs = extension_pairs(specs, settings.n_new_latents, train, cache=cache, init_norm=settings.init_norm)
-    else:  # per-latent tensors extend_sae does not know (JumpReLU's threshold): the same pairs, built here
-        jobs = {}
-        for s in settings.seeds:
-            jobs[(s, "control")] = Job(copy_sae(base), streams[s], keys[s], 0, label=f"control seed {s}")
-            jobs[(s, "extended")] = Job(extend_any(base, settings.n_new_latents, seed=s, init_norm=settings.init_norm),
-                                        streams[s], keys[s], 0, label=f"extended seed {s}")
-        trained = train_saes(jobs, train, kind="continued_saes", cache=cache, progress=progress)
-        pairs = {s: ExtensionPair(trained[(s, "control")], trained[(s, "extended")], settings.n_new_latents)
-                 for s in settings.seeds}
+    specs = {s: PairSpec(base, streams[s], keys[s], 0, s) for s in settings.seeds}
+    pairs = extension_pairs(specs, settings.n_new_latents, train, cache=cache, progress=progress,
+                            init_norm=settings.init_norm)
     return _measure(sae, base, notes, pairs, settings, sample)
 
 
@@ -860,5 +809,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its ``diagnose`` function: ``hedging_utils.diagnose(sae, ...)``
+    works whether ``hedging_utils.diagnose`` was reached as the package's attribute or imported
+    as a module (both name this one object)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Diagnosis":
+        return diagnose(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

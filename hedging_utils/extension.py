@@ -31,8 +31,8 @@ def extend_sae(
 ) -> TrainingSAE[Any]:
     """A copy of ``sae`` with ``n_new`` latents appended (to its outermost matryoshka level).
 
-    New latents start with encoder = decoder = a random direction of norm ``init_norm`` and a
-    zero encoder bias; everything else is copied, so the original latents' activations are
+    New latents start with encoder = decoder = a random direction of norm ``init_norm``, a
+    zero encoder bias (and for JumpReLU SAELens' initial threshold); everything else is copied, so the original latents' activations are
     unchanged at initialisation. For L1 SAEs (``balance_matryoshka_standard``),
     ``l1_rewarmup_steps`` re-warms the L1 coefficient linearly from 0 with the floor
     ``l1_floor`` (lambda_min, A.7.1); if the coefficient is already <= lambda_min there is no warm-up.
@@ -76,6 +76,8 @@ def _with_new_latents(
             value = torch.cat([value, direction.to(value)], dim=0)
         elif name == "b_enc":
             value = torch.cat([value, value.new_zeros(n_new)])
+        elif name == "threshold":  # JumpReLU: the new latents start at SAELens' initial threshold
+            value = torch.cat([value, value.new_full((n_new,), float(getattr(sae.cfg, "jumprelu_init_threshold", 0.01)))])
         elif value.ndim and value.shape[0] == old and name != "b_dec":
             raise NotImplementedError(f"don't know how to extend the per-latent tensor {name!r}")
         new_state[name] = value.clone()
@@ -106,12 +108,13 @@ class PairSpec:
 
 def extension_pairs(
     specs: Mapping[Any, PairSpec], n_new: int, settings: TrainSettings, *, cache: bool = True,
-    **extend_kwargs: Any,
+    progress: bool = True, **extend_kwargs: Any,
 ) -> dict[Any, ExtensionPair]:
     """Continue each base as a control and, on the same batches, as an extension by ``n_new``
     latents (``extend_sae`` with ``extend_kwargs``; an L1 re-warm-up and floor are given to the
     control too, so the new latents are the only difference). All pairs train together and
-    every SAE is cached on its own (``data/cache/continued_saes``)."""
+    every SAE is cached on its own (``data/cache/continued_saes``); ``progress``: their progress
+    bars and timings."""
     jobs: dict[tuple[Any, str], Job] = {}
     for key, spec in specs.items():
         rewarm = {k: v for k, v in extend_kwargs.items() if k in ("l1_rewarmup_steps", "l1_floor")}
@@ -119,7 +122,7 @@ def extension_pairs(
         extended = extend_sae(spec.base, n_new, seed=spec.seed, **extend_kwargs)
         for role, sae in (("control", control), ("extended", extended)):
             jobs[(key, role)] = Job(sae, spec.stream, spec.data, spec.start_batch, label=f"{role} {key}")
-    trained = train_saes(jobs, settings, kind="continued_saes", cache=cache)
+    trained = train_saes(jobs, settings, kind="continued_saes", cache=cache, progress=progress)
     return {key: ExtensionPair(trained[(key, "control")], trained[(key, "extended")], n_new) for key in specs}
 
 

@@ -8,7 +8,8 @@ from sae_lens.saes.sae import TrainingSAE
 from scipy.stats import spearmanr
 
 from hedging_utils import diagnose as dg
-from hedging_utils.diagnose import diagnose, extend_any, load_sae, training_form
+from hedging_utils.diagnose import diagnose, load_sae, training_form
+from hedging_utils.extension import extend_sae
 from hedging_utils.figures import verdict
 from hedging_utils.ground_truth import (SynthRecipe, build_model, features_of, firing_latents, hierarchy_edges, relatives,
                                         synth_config, synth_job, true_hedging)
@@ -139,7 +140,7 @@ def test_saved_batchtopk_is_continued_as_batchtopk_with_its_mean_l0():
 def test_jumprelu_extension_keeps_the_original_latents():
     torch.manual_seed(0)
     sae = make_sae(8, 5, "jumprelu")
-    ext = extend_any(sae, 3, seed=1)
+    ext = extend_sae(sae, 3, seed=1)
     x = torch.randn(64, 8)
     with torch.no_grad():
         assert torch.allclose(ext.encode(x)[:, :5], sae.encode(x))
@@ -308,3 +309,20 @@ def test_dead_new_latents_make_the_verdict_inconclusive():
                       dead_feature_window=1000, progress=False)
     assert result.summary.new_latents_alive == 0
     assert result.summary.verdict == "inconclusive" and result.summary.check["value"]["reason"] == "no new latent fired"
+
+
+def test_the_package_call_is_the_diagnose_function_and_the_notebooks_never_load_it(monkeypatch):
+    """``hedging_utils.diagnose(sae, ...)`` calls ``diagnose`` (the module is callable), whether
+    the package attribute or the module was reached first; the package's ``__init__`` does not
+    import it, so it is in no notebook's code version."""
+    import sys
+
+    import hedging_utils
+    from hedging_utils.cache import module_closure
+
+    assert hedging_utils.diagnose is sys.modules["hedging_utils.diagnose"] is dg
+    monkeypatch.setattr(dg, "diagnose", lambda *args, **kwargs: ("called", args, kwargs))
+    assert hedging_utils.diagnose("sae", "acts", n_new_latents=4) == ("called", ("sae", "acts"), {"n_new_latents": 4})
+    assert "diagnose" not in module_closure(["__init__"])
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        hedging_utils.no_such_thing
