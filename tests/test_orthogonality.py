@@ -184,7 +184,7 @@ def test_the_stacked_loss_and_its_gradient_are_each_saes_own(name):
             assert float((stacked_grad - own_grad).abs().max()) < 1e-12
     # the penalty mattered: the penalised SAEs' losses exceed their plain parts
     plain = [float(s.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 0.1}, dead_neuron_mask=None,
-                                                          is_logging_step=False, n_training_steps=0)).losses["orthogonality_loss"])
+                                                          is_logging_step=False, n_training_steps=0)).losses["orthogonality_loss"].detach())
              for s in saes if s.cfg.orthogonality_coefficient > 0 and s.cfg.d_sae > 1]
     assert plain and min(plain) > 1e-3
 
