@@ -33,11 +33,12 @@ decoder [S, L, d], each SAE's with its own coefficient, seed and width, and the 
 adds it to the plain stacked loss (its autograd path: the closed-form step of ReLU + L1 toys does
 not know it). A chunked penalty draws each SAE's partition of step t from (its seed, t), as
 its own ``training_forward_pass`` does at SAELens' step t, so the stacked loss is the SAE's own
-(tests/test_orthogonality.py checks the loss, its gradient and a training run against SAELens'
-``SAETrainer`` in float64). SAEs that differ only in ``orthogonality_coefficient``,
-``orthogonality_seed`` or the width share a stack; a narrower SAE is padded with masked latents,
-which the penalty leaves out (its pairs and chunks are over the SAE's own latents only); the
-form, power, reduction and chunk size split stacks. With ``orthogonality_coefficient = 0`` an
+(tests/test_orthogonality.py checks the loss and its gradient, tests/test_training.py training
+runs against SAELens' ``SAETrainer``, in float64). SAEs that differ only in ``orthogonality_seed``
+or the width (or the data, seed, L1 coefficient, K... as any stack) share a stack; a narrower SAE
+is padded with masked latents, which the penalty leaves out (its pairs and chunks are over the
+SAE's own latents only). The coefficient, form, power, reduction and chunk size split stacks
+(``stacked_varying_fields`` says why for the coefficient). With ``orthogonality_coefficient = 0`` an
 SAE here trains exactly like SAELens' own ``standard`` / ``batchtopk``; the notebook trains its
 no-penalty baselines as those (``orthogonal_job``'s ``stacked_baseline``).
 
@@ -186,8 +187,14 @@ class OrthogonalityMixin:
     cfg: Any
     W_dec: torch.nn.Parameter
 
-    stacked_varying_fields = ("orthogonality_coefficient", "orthogonality_seed")
-    """The penalty's settings that may differ within one stack (``StackedSAEs``)."""
+    stacked_varying_fields = ("orthogonality_seed",)
+    """The penalty's settings that may differ within one stack (``StackedSAEs``, ``_group_key``).
+    Not the coefficient, although ``stacked_penalty`` takes one per SAE: a stacked step's float32
+    rounding depends on an SAE's position in its stack (about 1e-9 in a gradient, which training
+    amplifies to 1e-3 in the weights over 2,000 steps), so SAEs that differ only in their
+    coefficient train in separate stacks of the same layout, where each sits at the same position
+    and follows the same arithmetic. A penalty that is identically 0 (one latent, which has no
+    pair) then leaves the SAE bit for bit as its coefficient-0 twin, as notebook 08's control asks."""
 
     @classmethod
     def stacked_penalty(cls, cfgs: list[Any], W_dec: torch.Tensor, step: int) -> torch.Tensor:

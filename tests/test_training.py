@@ -61,7 +61,7 @@ SWEEPS = {
         TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", init="random", matryoshka_widths=[4, 8]),
         [dict(k=2, coefficient_multiplier=0.0), dict(k=3, coefficient_multiplier=1.0, reconstruction_loss="l2"),
          dict(k=4, coefficient_multiplier=0.5, reconstruction_loss="snap", snap_step=40)]),
-    # hedging_utils.orthogonality: the penalty's coefficient (0 included) and seed differ within a stack
+    # hedging_utils.orthogonality: the penalty's seed differs within a stack; each coefficient (0 included) is a stack
     "orthogonal standard, pairwise |cos|^2": (
         PARENT_CHILDREN, 4, dict(architecture="orthogonal_standard", l1_coefficient=1e-2, l1_warm_up_steps=20, init="random",
                                  orthogonality_power=2.0),
