@@ -313,8 +313,9 @@ def orthogonal_job(make_job: Any, *args: Any, architecture: str = "standard", or
     is the plain one (``standard`` or ``batchtopk``). With ``orthogonality_coefficient`` 0 and
     ``stacked_baseline`` the job is the plain architecture's (it trains in the plain
     architecture's stack, for toy ReLU + L1 SAEs with the closed-form step: the same trajectory
-    up to float rounding); otherwise the penalised architecture's (with coefficient 0: in the
-    penalised SAEs' stack, the same arithmetic as theirs, bit for bit the plain loss), whose
+    up to float rounding); otherwise the penalised architecture's (with coefficient 0: trained
+    by the same arithmetic as the penalised SAEs, in a stack of the same layout, bit for bit the
+    plain loss), whose
     cache key carries ``ORTHOGONALITY_CODE``. Other ``orthogonality_*`` keyword arguments go to
     the config."""
     if architecture not in ARCHITECTURES:

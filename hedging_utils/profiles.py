@@ -403,8 +403,9 @@ class TrueFeaturesScale:
 # closed-form step (192 SAEs in about 30 s). The penalised SAEs used to train one at a time with
 # SAELens' trainer (1.6-3 ms a step each): notebook 08 on `small` then took 327 s of wall time and
 # 231 s of CPU time on 2 cores shared with a full regeneration (load 3.5), `ci` about 35 s. They
-# now train stacked: at 200 steps its 32 penalised `small` jobs take 6.2 s stacked against 15.8 s
-# one at a time (2.6x; 1 thread, 2 cores shared).
+# now train stacked, one stack per penalty coefficient: at 200 steps its 32 penalised `small` jobs
+# take 8.6 s stacked against 17.0 s one at a time (2.0x; 1 thread, 2 cores shared); `ci` 27 s
+# against 34 s for the whole notebook, cold.
 PAPER_TRUE_FEATURES = TrueFeaturesScale(steps=10_000, batch_size=500, lr=3e-3, l1_values=(0.03, 0.1, 0.2, 0.3, 0.5),
                                         p_f3_values=(0.005, 0.01, 0.02, 0.05, 0.1), grid_seeds=16, penalty_l1=0.2,
                                         penalty_p_f3=0.02, combination_seeds=16, coefficients=(0.03, 0.1, 0.3, 1.0),

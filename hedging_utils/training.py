@@ -445,7 +445,7 @@ class StackedSAEs(torch.nn.Module):
       ``W_dec[i]``; the rows past them pad a narrower SAE to the stack's width and must not enter
       its term (they are unit rows, so a norm of them stays finite);
     - ``stacked_varying_fields``: the config fields that may differ within one stack (e.g. the
-      term's coefficient); any other field not already free (``_group_key``) splits the stack.
+      term's seed); any other field not already free (``_group_key``) splits the stack.
 
     Such stacks take the autograd loss (``ClosedFormStep`` does not know the term).
     """
@@ -980,7 +980,7 @@ def _group_key(job: Job) -> str:
                "snap_step"]
     if _single_level(job.sae):
         numeric += ["d_sae", "matryoshka_widths"]
-    numeric += list(getattr(type(job.sae), "stacked_varying_fields", ()))  # a stacked penalty's coefficients
+    numeric += list(getattr(type(job.sae), "stacked_varying_fields", ()))  # a stacked penalty's free settings
     for name in numeric:
         cfg.pop(name, None)
     return json.dumps({"class": type(job.sae).__name__, "cfg": cfg, "start": job.start_batch}, sort_keys=True, default=str)
