@@ -27,13 +27,20 @@ with SAELens at this module's import (import it before loading such an SAE from 
 - ``orthogonal_batchtopk``: BatchTopK with its AuxK dead-latent loss (``BatchTopKTrainingSAE``)
   + the penalty, OrtSAE's setting; inference: ``jumprelu``, as SAELens saves BatchTopK.
 
-**Training.** The stacked trainer of ``hedging_utils.training`` does not know this loss term
-(``StackedSAEs.supports`` is False for these classes), so ``train_saes`` / ``train_together``
-train each such SAE on its own with SAELens' ``SAETrainer`` (``train_with_sae_lens``). That is
-exact but pays SAELens' per-step overhead once per SAE, so the notebook keeps these toys small.
-Stacked support (the penalty's gradient per SAE of a stack) is a follow-up. With
-``orthogonality_coefficient = 0`` an SAE here trains exactly like SAELens' own ``standard`` /
-``batchtopk``; the notebook trains its no-penalty baselines as those, stacked.
+**Training.** These SAEs train stacked, like the plain architectures (``train_saes`` /
+``train_together``): ``OrthogonalityMixin.stacked_penalty`` is the penalty on the stacked
+decoder [S, L, d], each SAE's with its own coefficient, seed and width, and the stacked trainer
+adds it to the plain stacked loss (its autograd path: the closed-form step of ReLU + L1 toys does
+not know it). A chunked penalty draws each SAE's partition of step t from (its seed, t), as
+its own ``training_forward_pass`` does at SAELens' step t, so the stacked loss is the SAE's own
+(tests/test_orthogonality.py checks the loss and its gradient, tests/test_training.py training
+runs against SAELens' ``SAETrainer``, in float64). SAEs that differ only in ``orthogonality_seed``
+or the width (or the data, seed, L1 coefficient, K... as any stack) share a stack; a narrower SAE
+is padded with masked latents, which the penalty leaves out (its pairs and chunks are over the
+SAE's own latents only). The coefficient, form, power, reduction and chunk size split stacks
+(``stacked_varying_fields`` says why for the coefficient). With ``orthogonality_coefficient = 0`` an
+SAE here trains exactly like SAELens' own ``standard`` / ``batchtopk``; the notebook trains its
+no-penalty baselines as those (``orthogonal_job``'s ``stacked_baseline``).
 
 **Cache keys.** ``training.training_code_version`` does not cover this module, so
 ``orthogonal_job`` adds ``ORTHOGONALITY_CODE`` (this module's source hash) to a job's ``init``:
@@ -174,10 +181,64 @@ class OrthogonalityOptions:
 
 
 class OrthogonalityMixin:
-    """Adds ``orthogonality_loss`` to an architecture's auxiliary losses."""
+    """Adds ``orthogonality_loss`` to an architecture's auxiliary losses, and the same term on a
+    stack of SAEs for ``hedging_utils.training.StackedSAEs`` (``stacked_penalty``)."""
 
     cfg: Any
     W_dec: torch.nn.Parameter
+
+    stacked_varying_fields = ("orthogonality_seed",)
+    """The penalty's settings that may differ within one stack (``StackedSAEs``, ``_group_key``).
+    Not the coefficient, although ``stacked_penalty`` takes one per SAE: a stacked step's float32
+    rounding depends on an SAE's position in its stack (about 1e-9 in a gradient, which training
+    amplifies to 1e-3 in the weights over 2,000 steps), so SAEs that differ only in their
+    coefficient train in separate stacks of the same layout, where each sits at the same position
+    and follows the same arithmetic. A penalty that is identically 0 (one latent, which has no
+    pair) then leaves the SAE bit for bit as its coefficient-0 twin, as notebook 08's control asks."""
+
+    @classmethod
+    def stacked_penalty(cls, cfgs: list[Any], W_dec: torch.Tensor, step: int) -> torch.Tensor:
+        """Each SAE's ``orthogonality_coefficient * penalty`` [S] at training step ``step`` from
+        the stacked decoder ``W_dec`` [S, L, d]: what its own ``calculate_aux_loss`` adds (0
+        with coefficient 0). SAE i's latents are the first ``cfgs[i].d_sae`` rows; the rows past
+        them pad it to the stack's width and enter no pair and no chunk. The pairwise form runs
+        on the whole stack at once; the chunked one draws each SAE's partition from its
+        (``orthogonality_seed``, ``step``), as ``OrthogonalityOptions.penalty`` does, once per
+        distinct seed and width, and runs each chunk on the SAEs that share it at once."""
+        first = cfgs[0]
+        shared = ("orthogonality_form", "orthogonality_power", "orthogonality_reduction", "orthogonality_chunk_size")
+        if any(getattr(c, name) != getattr(first, name) for c in cfgs for name in shared):
+            raise ValueError(f"a stack of orthogonal SAEs must share {list(shared)} (StackedSAEs groups them so).")
+        S, L = W_dec.shape[:2]
+        widths = torch.tensor([c.d_sae for c in cfgs], device=W_dec.device)
+        coefficients = W_dec.new_tensor([float(c.orthogonality_coefficient) for c in cfgs])
+        if first.orthogonality_form == "pairwise":
+            if L < 2:
+                return W_dec.sum(dim=(1, 2)) * 0.0
+            unit = unit_rows(W_dec)
+            i, j = torch.triu_indices(L, L, offset=1, device=W_dec.device)
+            values = torch.bmm(unit, unit.transpose(1, 2))[:, i, j].abs().pow(first.orthogonality_power)  # [S, pairs]
+            real = j[None] < widths[:, None]  # both latents are the SAE's own (i < j)
+            penalty = torch.where(real, values, 0.0).sum(dim=1)
+            if first.orthogonality_reduction == "mean":
+                penalty = penalty / real.sum(dim=1).clamp_min(1)
+            return coefficients * penalty
+        penalty = W_dec.new_zeros(S)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for s, c in enumerate(cfgs):
+            groups.setdefault((int(c.orthogonality_seed), int(c.d_sae)), []).append(s)
+        for (seed, width), members in groups.items():
+            rows = torch.tensor(members, device=W_dec.device)
+            total = W_dec.new_zeros(len(members))
+            for chunk in chunk_partition(width, first.n_chunks(width), step_generator(seed, step)):
+                if len(chunk) < 2:
+                    continue
+                unit = unit_rows(W_dec[rows][:, chunk.to(W_dec.device)])  # [members, chunk, d]
+                squared = torch.bmm(unit, unit.transpose(1, 2)).pow(2)
+                squared = squared - torch.diag_embed(torch.diagonal(squared, dim1=1, dim2=2))  # no latent is its own neighbour
+                total = total + squared.max(dim=2).values.sum(dim=1)
+            penalty = penalty.index_put((rows,), total / width)
+        return coefficients * penalty
 
     def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor, hidden_pre: torch.Tensor,
                            sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -250,9 +311,11 @@ def orthogonal_job(make_job: Any, *args: Any, architecture: str = "standard", or
                    stacked_baseline: bool = True, **kwargs: Any) -> Job:
     """A training job from ``make_job`` (e.g. ``toys.toy_job``) with the penalty: ``architecture``
     is the plain one (``standard`` or ``batchtopk``). With ``orthogonality_coefficient`` 0 and
-    ``stacked_baseline`` the job is the plain architecture's (it trains stacked, the same
-    trajectory up to float rounding); otherwise the penalised architecture's (with coefficient 0:
-    the same trainer and arithmetic as the penalised SAEs, bit for bit the plain loss), whose
+    ``stacked_baseline`` the job is the plain architecture's (it trains in the plain
+    architecture's stack, for toy ReLU + L1 SAEs with the closed-form step: the same trajectory
+    up to float rounding); otherwise the penalised architecture's (with coefficient 0: trained
+    by the same arithmetic as the penalised SAEs, in a stack of the same layout, bit for bit the
+    plain loss), whose
     cache key carries ``ORTHOGONALITY_CODE``. Other ``orthogonality_*`` keyword arguments go to
     the config."""
     if architecture not in ARCHITECTURES:

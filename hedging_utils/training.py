@@ -18,8 +18,11 @@ The stacked loss mirrors SAELens' training forward pass for the architectures th
 use: ``standard`` (ReLU + L1 scaled by decoder norms, with its L1 warm-up), ``batchtopk``
 (batch top-k, decoder-norm rescaling, the AuxK dead-latent loss and the running top-k
 threshold) and the balance-matryoshka variants of ``hedging_utils.variants`` (levels, beta_m,
-detached levels, MSE / L2 / snap losses). Any other architecture trains one SAE at a time with
-SAELens' ``SAETrainer`` (``train_with_sae_lens``), the reference path.
+detached levels, MSE / L2 / snap losses). A subclass of ``standard`` or ``batchtopk`` that adds a
+term of its decoder to their loss trains stacked too if it defines that term on the stack
+(``stacked_penalty``, see ``StackedSAEs``; ``hedging_utils.orthogonality``'s decoder-orthogonality
+penalty does). Any other architecture trains one SAE at a time with SAELens' ``SAETrainer``
+(``train_with_sae_lens``), the reference path.
 
 **Sweeps run in-process or on a cluster.** ``train_saes`` trains the SAEs missing from the cache
 where ``Executor`` says (``$HEDGING_EXECUTOR``): in this process (the default), or submitted
@@ -430,6 +433,21 @@ class StackedSAEs(torch.nn.Module):
     Coefficients may differ between the SAEs: the L1 coefficient and its floor, the
     balance-matryoshka level coefficients beta_m, BatchTopK's K and the reconstruction loss
     (MSE, L2 or snap, and snap's switching step).
+
+    **Extra loss terms of the decoder.** A subclass of ``StandardTrainingSAE`` or
+    ``BatchTopKTrainingSAE`` whose loss is its parent's plus a term of its decoder trains stacked
+    when its class defines
+
+    - ``stacked_penalty(cfgs, W_dec, step)`` (a classmethod): each SAE's term [S], with its
+      coefficient, from the stacked decoder ``W_dec`` [S, L, d] at 0-based training step
+      ``step`` (SAELens' ``n_training_steps``), equal to what the SAE's own
+      ``training_forward_pass`` adds. SAE i's latents are the first ``cfgs[i].d_sae`` rows of
+      ``W_dec[i]``; the rows past them pad a narrower SAE to the stack's width and must not enter
+      its term (they are unit rows, so a norm of them stays finite);
+    - ``stacked_varying_fields``: the config fields that may differ within one stack (e.g. the
+      term's seed); any other field not already free (``_group_key``) splits the stack.
+
+    Such stacks take the autograd loss (``ClosedFormStep`` does not know the term).
     """
 
     def __init__(self, saes: Sequence[TrainingSAE[Any]], precision: str = "float32"):
@@ -439,6 +457,7 @@ class StackedSAEs(torch.nn.Module):
         cfg = first.cfg
         self.saes = list(saes)
         self.topk = isinstance(first, BatchTopKTrainingSAE)
+        self.penalty = getattr(type(first), "stacked_penalty", None)  # an extra loss term of the decoder, or None
         self.rescale = bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)) and self.topk
         self.apply_b_dec_to_input = float(cfg.apply_b_dec_to_input)
         self.widths = [max(s.cfg.d_sae for s in saes)] if _single_level(first) else list(cfg.matryoshka_widths)
@@ -473,6 +492,8 @@ class StackedSAEs(torch.nn.Module):
             return False
         if type(sae) is StandardTrainingSAE or type(sae) is BatchTopKTrainingSAE:
             return True
+        if getattr(type(sae), "stacked_penalty", None) is not None and not isinstance(sae, BalanceMatryoshkaMixin):
+            return isinstance(sae, (StandardTrainingSAE, BatchTopKTrainingSAE))
         if isinstance(sae, BalanceMatryoshkaMixin):
             return not getattr(cfg, "use_matryoshka_aux_loss", False)
         return False
@@ -517,6 +538,8 @@ class StackedSAEs(torch.nn.Module):
             start = width
         if self.topk and dead is not None:
             total = total + self.auxk_loss(errors[-1].detach(), hidden_pre, dead, decoder)
+        if self.penalty is not None:
+            total = total + self.penalty([s.cfg for s in self.saes], self.W_dec, step)
         return total, acts
 
     def reconstruction_loss(self, error: torch.Tensor, step: int) -> torch.Tensor:
@@ -824,7 +847,7 @@ class ClosedFormStep:
 
     @staticmethod
     def supports(model: StackedSAEs) -> bool:
-        return (not model.rescale and model.lp_norm == 1 and model.W_enc.shape[1] < CLOSED_FORM_MAX_D_IN
+        return (not model.rescale and model.penalty is None and model.lp_norm == 1 and model.W_enc.shape[1] < CLOSED_FORM_MAX_D_IN
                 and model.product_dtype != torch.bfloat16 and not torch.is_autocast_enabled())
 
     def l1_scale(self, step: int, batch: int) -> torch.Tensor:
@@ -1001,6 +1024,7 @@ def _group_key(job: Job) -> str:
                "snap_step"]
     if _single_level(job.sae):
         numeric += ["d_sae", "matryoshka_widths"]
+    numeric += list(getattr(type(job.sae), "stacked_varying_fields", ()))  # a stacked penalty's free settings
     for name in numeric:
         cfg.pop(name, None)
     return json.dumps({"class": type(job.sae).__name__, "cfg": cfg, "start": job.start_batch}, sort_keys=True, default=str)

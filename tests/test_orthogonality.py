@@ -1,6 +1,9 @@
 """The decoder-orthogonality penalty: its value and gradient against a direct computation, the
-SAELens architectures that carry it, and the measurements notebook 08 tests it with."""
+SAELens architectures that carry it, its stacked form against each SAE's own loss, and the
+measurements notebook 08 tests it with. (Training runs of penalised stacks against SAELens'
+trainer, and planted faults, are among the equivalence tests of tests/test_training.py.)"""
 
+import copy
 import itertools
 import math
 
@@ -15,7 +18,7 @@ from hedging_utils.orthogonality import (
 )
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import Hierarchy, ToySetting, toy_job
-from hedging_utils.training import StackedSAEs, TrainSettings, make_sae, train_saes
+from hedging_utils.training import ClosedFormStep, Job, StackedSAEs, TrainSettings, _group_key, make_sae, train_saes
 
 
 def direct_pairwise(w, power, reduction):
@@ -119,6 +122,118 @@ def test_architectures_add_the_penalty_to_their_own_loss(architecture, cfg):
     assert not torch.allclose(sae.W_dec.grad, plain.W_dec.grad)
 
 
+STACK_CASES = {  # architecture, its own settings, the penalty's shared settings, per SAE: (width, coefficient, seed)
+    "standard, pairwise mean": ("orthogonal_standard", {"l1_coefficient": 0.1}, {"orthogonality_form": "pairwise"},
+                                [(6, 0.5, 0), (6, 0.0, 0), (4, 2.0, 0), (1, 1.0, 0)]),
+    "standard, pairwise |cos|^3 sum": ("orthogonal_standard", {"l1_coefficient": 0.1},
+                                       {"orthogonality_power": 3.0, "orthogonality_reduction": "sum"},
+                                       [(6, 0.5, 0), (5, 1.0, 0), (6, 0.0, 0)]),
+    "standard, chunked": ("orthogonal_standard", {"l1_coefficient": 0.1},
+                          {"orthogonality_form": "chunked", "orthogonality_chunk_size": 2},
+                          [(6, 0.25, 0), (6, 1.0, 3), (5, 0.5, 0), (3, 1.0, 3), (6, 0.0, 1)]),
+    "batchtopk, pairwise mean": ("orthogonal_batchtopk", {"k": 2.0}, {}, [(6, 0.25, 0), (4, 1.0, 0), (6, 0.0, 0)]),
+    "batchtopk, chunked (OrtSAE)": ("orthogonal_batchtopk", {"k": 2.0},
+                                    {"orthogonality_form": "chunked", "orthogonality_chunk_size": 3},
+                                    [(6, 0.25, 0), (6, 1.0, 5), (5, 0.25, 5), (6, 0.0, 0)]),
+}
+
+
+def _stack_case(name):
+    """The case's SAEs (float64, random weights) and a batch of inputs."""
+    architecture, own, penalty, members = STACK_CASES[name]
+    saes = []
+    for i, (width, coefficient, seed) in enumerate(members):
+        torch.manual_seed(i)
+        saes.append(make_sae(8, width, architecture, orthogonality_coefficient=coefficient, orthogonality_seed=seed,
+                             **own, **penalty).double())
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(9)).double()  # float32 values, as SAELens rounds its inputs to them
+    return saes, x
+
+
+def _own_and_stacked(saes, x, step, model=None):
+    """Each SAE's own loss and W_dec gradient, and the stack's (the stack's cut to each SAE's width)."""
+    model = model or StackedSAEs(saes)
+    dead = torch.zeros(model.latent_mask.shape, dtype=torch.bool)
+    dead[:, ::2] = True  # AuxK runs (BatchTopK) on every other latent
+    dead &= model.latent_mask
+    stacked, _ = model.loss(x.expand(len(saes), *x.shape), step, dead if model.topk else None)
+    stacked.sum().backward()
+    own = []
+    for i, sae in enumerate(saes):
+        sae.zero_grad()
+        coefficients = {"l1": sae.cfg.l1_coefficient} if hasattr(sae.cfg, "l1_coefficient") else {}
+        output = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, is_logging_step=False,
+                                                          dead_neuron_mask=dead[i, :sae.cfg.d_sae], n_training_steps=step))
+        output.loss.backward()
+        width = sae.cfg.d_sae
+        own.append((output.loss.detach(), sae.W_dec.grad, stacked[i].detach(), model.W_dec.grad[i, :width]))
+    return own
+
+
+@pytest.mark.parametrize("name", STACK_CASES)
+def test_the_stacked_loss_and_its_gradient_are_each_saes_own(name):
+    """StackedSAEs adds OrthogonalityMixin.stacked_penalty to the plain stacked loss: in float64
+    each SAE's stacked loss and decoder gradient equal its own training_forward_pass's, for a
+    stack mixing coefficients (0 included), seeds and widths (padded latents enter no pair and
+    no chunk), at steps whose chunks differ."""
+    saes, x = _stack_case(name)
+    # train_together stacks SAEs of one coefficient (any seed, width) and keeps coefficients apart
+    keys = {(sae.cfg.orthogonality_coefficient, _group_key(Job(sae=sae, stream=None, data={}))) for sae in saes}
+    assert len({c for c, _ in keys}) == len(keys)
+    for step in (0, 7):
+        for own_loss, own_grad, stacked_loss, stacked_grad in _own_and_stacked(saes, x, step):
+            assert float(abs(stacked_loss - own_loss)) < 1e-12
+            assert float((stacked_grad - own_grad).abs().max()) < 1e-12
+    # the penalty mattered: the penalised SAEs' losses exceed their plain parts
+    plain = [float(s.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 0.1}, dead_neuron_mask=None,
+                                                          is_logging_step=False, n_training_steps=0)).losses["orthogonality_loss"].detach())
+             for s in saes if s.cfg.orthogonality_coefficient > 0 and s.cfg.d_sae > 1]
+    assert plain and min(plain) > 1e-3
+
+
+def test_a_penalty_that_is_identically_zero_leaves_the_sae_bit_for_bit_as_its_baseline():
+    """One latent has no pair: trained stacked, the penalised SAE is its coefficient-0 twin to the
+    bit (notebook 08's control), because each coefficient trains in a stack of its own layout
+    (``OrthogonalityMixin.stacked_varying_fields``). In one stack the twins would drift apart
+    (stack positions round differently), by more than the notebook's 1e-6 on its ``small`` profile."""
+    toys = {"hierarchical": ToySetting([0.25, 0.2], hierarchies=[Hierarchy(0, (1,))], d_model=50),
+            "correlated": ToySetting([0.25, 0.2], d_model=50)}
+    jobs = {(name, c): orthogonal_job(toy_job, toy, 1, batch_size=200, l1_coefficient=1e-3, orthogonality_coefficient=c,
+                                      stacked_baseline=False) for name, toy in toys.items() for c in (0.0, 1.0)}
+    saes = train_saes(jobs, TrainSettings(steps=300, batch_size=200, lr=3e-3, adam_betas=(0.0, 0.999)), cache=False, progress=False)
+    for name in toys:
+        assert torch.equal(saes[(name, 1.0)].W_dec, saes[(name, 0.0)].W_dec)
+        assert torch.equal(saes[(name, 1.0)].W_enc, saes[(name, 0.0)].W_enc)
+        assert not torch.equal(saes[(name, 1.0)].W_dec, jobs[(name, 1.0)].sae.W_dec)  # trained
+
+
+def test_the_stacked_penalty_check_can_fail(monkeypatch):
+    """The check above tells a wrong stacked penalty from the right one: padded latents let into
+    the pairs, chunks drawn for the wrong step, or the penalty dropped each move some SAE's loss."""
+    from hedging_utils import orthogonality
+    worst = {}
+    for name, fault in (("standard, pairwise mean", "padding enters"), ("batchtopk, chunked (OrtSAE)", "next step's chunks"),
+                        ("batchtopk, pairwise mean", "penalty dropped")):
+        saes, x = _stack_case(name)
+        model = StackedSAEs(saes)
+        original = orthogonality.OrthogonalityMixin.stacked_penalty.__func__
+        if fault == "padding enters":
+            model.penalty = lambda cfgs, w, step: original(type(saes[0]), [dataclass_replace(c, d_sae=w.shape[1]) for c in cfgs], w, step)
+        elif fault == "next step's chunks":
+            model.penalty = lambda cfgs, w, step: original(type(saes[0]), cfgs, w, step + 1)
+        else:
+            model.penalty = None
+        worst[fault] = max(float(abs(stacked - own)) for own, _, stacked, _ in _own_and_stacked(saes, x, 3, model))
+    assert min(worst.values()) > 1e-4, worst
+
+
+def dataclass_replace(cfg, **changes):
+    changed = copy.copy(cfg)
+    for key, value in changes.items():
+        setattr(changed, key, value)
+    return changed
+
+
 def test_bad_options_name_the_parameter():
     with pytest.raises(ParameterError, match="orthogonality_form='dense'"):
         make_sae(4, 3, "orthogonal_standard", orthogonality_form="dense")
@@ -131,14 +246,16 @@ def test_bad_options_name_the_parameter():
                        orthogonality_coefficient=1.0)
 
 
-def test_they_train_with_sae_lens_and_reload_from_the_cache(tmp_path):
-    """Not stackable: train_saes trains them one at a time with SAELens' trainer; the cache
-    key carries this module's code; the cache reloads them as their own class."""
+def test_they_train_stacked_and_reload_from_the_cache(tmp_path):
+    """Stackable (through the autograd loss, not the closed-form step): train_saes trains them
+    with the stacked trainer; the cache key carries this module's code; the cache reloads them
+    as their own class."""
     toy = ToySetting([0.4, 0.3, 0.2], d_model=6)
     jobs = {c: orthogonal_job(toy_job, toy, 3, batch_size=32, architecture="standard", l1_coefficient=0.01,
                               orthogonality_coefficient=c, init="random") for c in (0.0, 1.0)}
     assert jobs[0.0].sae.cfg.architecture() == "standard" and StackedSAEs.supports(jobs[0.0].sae)
-    assert not StackedSAEs.supports(jobs[1.0].sae) and jobs[1.0].init["orthogonality_code"] == ORTHOGONALITY_CODE
+    assert StackedSAEs.supports(jobs[1.0].sae) and jobs[1.0].init["orthogonality_code"] == ORTHOGONALITY_CODE
+    assert not ClosedFormStep.supports(StackedSAEs([jobs[1.0].sae]))
     saes = train_saes(jobs, TrainSettings(steps=60, batch_size=32, lr=1e-2), kind="t", progress=False)
     assert isinstance(saes[1.0], OrthogonalStandardTrainingSAE) and saes[1.0].cfg.orthogonality_coefficient == 1.0
     # the penalty made the decoder more orthogonal than without it
@@ -148,7 +265,7 @@ def test_they_train_with_sae_lens_and_reload_from_the_cache(tmp_path):
     # a baseline on SAELens' path: the penalised architecture with coefficient 0
     same_path = orthogonal_job(toy_job, toy, 3, batch_size=32, l1_coefficient=0.01, orthogonality_coefficient=0.0,
                                stacked_baseline=False, init="random")
-    assert same_path.sae.cfg.architecture() == "orthogonal_standard" and not StackedSAEs.supports(same_path.sae)
+    assert same_path.sae.cfg.architecture() == "orthogonal_standard" and StackedSAEs.supports(same_path.sae)
     cls, _ = get_sae_training_class("orthogonal_batchtopk")
     assert cls is OrthogonalBatchTopKTrainingSAE
 

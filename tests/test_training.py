@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from hedging_utils.orthogonality import OrthogonalityMixin
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import Hierarchy, ToySetting, conditional_pair, toy_job
 from hedging_utils.training import (
@@ -65,6 +66,23 @@ SWEEPS = {
         TWENTY, 16, dict(architecture="balance_matryoshka_batchtopk", init="random", matryoshka_widths=[4, 8]),
         [dict(k=2, coefficient_multiplier=0.0), dict(k=3, coefficient_multiplier=1.0, reconstruction_loss="l2"),
          dict(k=4, coefficient_multiplier=0.5, reconstruction_loss="snap", snap_step=40)]),
+    # hedging_utils.orthogonality: the penalty's seed differs within a stack; each coefficient (0 included) is a stack
+    "orthogonal standard, pairwise |cos|^2": (
+        PARENT_CHILDREN, 4, dict(architecture="orthogonal_standard", l1_coefficient=1e-2, l1_warm_up_steps=20, init="random",
+                                 orthogonality_power=2.0),
+        [dict(orthogonality_coefficient=c) for c in (0.0, 0.3, 1.0)]),
+    "orthogonal standard, chunked": (
+        PARENT_CHILDREN, 5, dict(architecture="orthogonal_standard", l1_coefficient=1e-2, init="random",
+                                 orthogonality_form="chunked", orthogonality_chunk_size=2),
+        [dict(orthogonality_coefficient=0.5, orthogonality_seed=0), dict(orthogonality_coefficient=1.0, orthogonality_seed=7)]),
+    "orthogonal batchtopk, pairwise sum": (
+        TWENTY, 16, dict(architecture="orthogonal_batchtopk", k=3, init="random", orthogonality_reduction="sum"),
+        [dict(orthogonality_coefficient=c) for c in (0.0, 0.01, 0.05)]),
+    "orthogonal batchtopk, chunked (OrtSAE)": (
+        TWENTY, 16, dict(architecture="orthogonal_batchtopk", k=3, init="random", orthogonality_form="chunked",
+                         orthogonality_chunk_size=5),
+        [dict(orthogonality_coefficient=0.25, orthogonality_seed=0), dict(orthogonality_coefficient=1.0, orthogonality_seed=3),
+         dict(orthogonality_coefficient=1.0, orthogonality_seed=0)]),
 }
 
 
@@ -113,6 +131,7 @@ def _both_paths(name):
 
 
 _original_level_gradient = ClosedFormStep.level_gradient
+_original_stacked_penalty = OrthogonalityMixin.stacked_penalty.__func__
 
 BOTH = ("closed form", "autograd")
 PLANTED = {  # fault: (sweep, the paths it reaches, class, method, replacement)
@@ -129,6 +148,12 @@ PLANTED = {  # fault: (sweep, the paths it reaches, class, method, replacement)
     "snap never switches to L2 (closed form)": ("detached, snap loss", ("closed form",), ClosedFormStep, "level_gradient",
                                                 lambda self, error, m, step: _original_level_gradient(self, error, m, -1)),
     "detached levels not detached (closed form)": ("detached, three levels", ("closed form",), StackedSAEs, "detach", None),
+    "the orthogonality penalty dropped": ("orthogonal standard, pairwise |cos|^2", ("autograd",), StackedSAEs, "penalty", None),
+    "the orthogonality penalty dropped (BatchTopK)": ("orthogonal batchtopk, pairwise sum", ("autograd",), StackedSAEs, "penalty",
+                                                      None),
+    "OrtSAE's chunks drawn for the next step": (
+        "orthogonal batchtopk, chunked (OrtSAE)", ("autograd",), OrthogonalityMixin, "stacked_penalty",
+        classmethod(lambda cls, cfgs, w_dec, step: _original_stacked_penalty(cls, cfgs, w_dec, step + 1))),
 }
 FAULT_PATHS = [(fault, path) for fault, (_, paths, *_) in PLANTED.items() for path in paths]
 
@@ -140,13 +165,13 @@ def test_the_equivalence_check_catches_a_planted_fault(fault, path, monkeypatch)
     the tolerance."""
     name, _, cls, method, replacement = PLANTED[fault]
     _use_path(path, monkeypatch)
-    if replacement is None:  # a setting dropped: every level weighted 1, whatever beta_m says; no floor; no detaching
+    if replacement is None:  # a setting dropped: every level weighted 1, whatever beta_m says; no floor; no detaching; no penalty
         original, setting = StackedSAEs.__init__, method
 
         def replacement(self, saes, *args):
             original(self, saes, *args)
             {"betas": lambda: self.betas.fill_(1.0), "l1_floor": lambda: self.l1_floor.zero_(),
-             "detach": lambda: setattr(self, "detach", False)}[setting]()
+             "detach": lambda: setattr(self, "detach", False), "penalty": lambda: setattr(self, "penalty", None)}[setting]()
         method = "__init__"
     monkeypatch.setattr(cls, method, replacement)
     worst = max(_max_difference(stacked, reference) for stacked, reference, _ in _both_paths(name).values())
