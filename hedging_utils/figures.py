@@ -333,9 +333,12 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
     parallel = parallel_notebooks(todo)
     phases = [(parallel, workers, PARALLEL_THREADS), ([nb for nb in todo if nb not in parallel], 1, None)]
 
+    def say(line: str) -> None:  # one write per line: notebooks side by side never interleave within a line
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
     def execute(nb: Path, threads: int | None) -> None:
-        print(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} (profile {resolved.name}"
-              f"{f', {threads} thread' if threads else ''})", flush=True)
+        say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} (profile {resolved.name}{f', {threads} thread' if threads else ''})")
         start = time.perf_counter()
         pm.execute_notebook(
             str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
@@ -344,8 +347,8 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
         timings[nb.name] = {"seconds": round(time.perf_counter() - start, 1), "threads": threads or os.cpu_count()}
         if published:
             size = publish(out / nb.name, EXECUTED_DIR / nb.name)
-            print(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}", flush=True)
-        print(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s", flush=True)
+            say(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}")
+        say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s")
 
     # the kernels inherit the environment: the progress log (bars there, one line in the notebook) and the threads
     saved = {name: os.environ.get(name) for name in (PROGRESS_LOG_ENV, *THREAD_ENVS)}
