@@ -35,7 +35,16 @@ spent drawing the toy batches):
     01-l1-warm-up        4    1.42 / 0.354 ( 5%)  0.41 / 0.102 (25%)  3.5x
     03-beta-sweep       14    2.01 / 0.143 ( 3%)  0.76 / 0.054 ( 8%)  2.6x
     02-snap              6    2.02 / 0.337 (13%)  0.75 / 0.126 (43%)  2.7x  (4.0x without the data)
-    04-p15-batchtopk    16    38 / 2.4 (12%)      unchanged (BatchTopK keeps the autograd loss)
+    04-p15-batchtopk    16    38 / 2.4 (12%)      unchanged at the time (BatchTopK kept the autograd loss)
+
+The BatchTopK stacks without decoder-norm rescaling (P15's) later took the closed-form step too
+(``ClosedFormStep`` with BatchTopK's kept entries, AuxK and the running threshold). Measured
+interleaved against the autograd loss on an AVX2-only 2-core machine while another job ran at
+low priority, 200 steps, best of 2: one thread 45.0 and 39.6 ms per step before, 35.9 and 34.6
+after; two threads 21.8 and 18.1 before, 18.2 and 16.1 after (1.1-1.3x). Its step is bound by
+arithmetic on [16, 500, 100] and [16, 50, 500] tensors and by the k-th value search (kthvalue,
+2.7 ms of a step on two threads), not by autograd; in notebook 04 P15's base, pair and longer
+runs took 806 s in all (``make figures`` on that machine).
 
 cProfile of 01-four-feature (300 steps), top entries by own time: before, autograd's
 ``run_backward`` 0.34 s of 1.0 s, ``StackedSAEs.loss`` 0.07 s own (0.21 s with its ops),
