@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainingSAE, TrainStepInput
+from sae_lens.saes.sae import TrainStepInput
 
 from hedging_utils.orthogonality import (
     ORTHOGONALITY_CODE, OrthogonalBatchTopKTrainingSAE, OrthogonalStandardTrainingSAE, chunk_partition, chunked_penalty,

@@ -171,8 +171,9 @@ def test_the_alphabetic_vocabulary_is_the_same_in_every_process():
     probes cache are drawn from it, so a later process would find none of its prompts cached."""
     import subprocess
     import sys
-    code = ("import hashlib; from hedging_utils import llm, saebench; "
-            "print(hashlib.sha256(chr(10).join(saebench._alpha_tokens(llm.load_offline_tokenizer())).encode()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-               for _ in range(2)}
-    assert len(digests) == 1
+    import hashlib
+    digest = "hashlib.sha256(chr(10).join(saebench._alpha_tokens(llm.load_offline_tokenizer())).encode()).hexdigest()"
+    code = f"import hashlib; from hedging_utils import llm, saebench; print({digest})"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = eval(digest, {"hashlib": hashlib, "llm": llm, "saebench": saebench})  # this process: another hash seed
+    assert other == here

@@ -284,7 +284,9 @@ def test_batch_topk_keeps_exactly_k_per_input_when_activations_tie():
     from sae_lens.saes.batchtopk_sae import BatchTopK
     from hedging_utils.training import batch_topk
     row = torch.tensor([3.0, 2.0, 1.0, 0.5])
-    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), torch.randn(3, 4)])  # SAE 0 ties at k * B = 3
+    # SAE 1 has no tie and no ReLU zero among its top three, so it keeps exactly three entries
+    untied_positive = torch.arange(1.0, 13.0)[torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), untied_positive.view(3, 4)])  # SAE 0 ties at k * B = 3
     for k in (1.0, [1.0, 2.0]):
         ours = batch_topk(hidden_pre, k)
         for i, ki in enumerate(k if isinstance(k, list) else [k, k]):
@@ -298,14 +300,16 @@ def test_batch_topk_without_exact_ties_keeps_k_per_input_the_first_tied_entries(
     threshold, and of the entries at it the first ones in the batch."""
     from hedging_utils.training import batch_topk
     row = torch.tensor([3.0, 2.0, 2.0, 0.5])
-    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), torch.randn(3, 4)])
+    # SAE 1 has no tie and no ReLU zero among its top three, so it keeps exactly three entries
+    untied_positive = torch.arange(1.0, 13.0)[torch.randperm(12, generator=torch.Generator().manual_seed(0))]
+    hidden_pre = torch.stack([torch.stack([row, row, row * 0.1]), untied_positive.view(3, 4)])
     ours = batch_topk(hidden_pre, 1.0, exact_ties=False)  # SAE 0: 3.0, 3.0, then one of four 2.0s
     assert [int((a > 0).sum()) for a in ours] == [3, 3]
     assert ours[0].flatten().nonzero().flatten().tolist() == [0, 1, 4]
     exact = batch_topk(hidden_pre, 1.0)
     assert torch.equal(ours[1], exact[1]) and (ours[0] > 0).sum() == (exact[0] > 0).sum()
     # with no tie both rules keep the same entries
-    untied = torch.randn(2, 5, 7)
+    untied = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(1))
     assert torch.equal(batch_topk(untied, 2.0, exact_ties=False), batch_topk(untied, 2.0))
 
 def _counting_training(monkeypatch):
