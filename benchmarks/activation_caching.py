@@ -3,7 +3,7 @@ products, against this machine's matmul speed.
 
     python benchmarks/activation_caching.py [--tokens 32768] [--layer 9]
 
-Caches activations of the offline corpus with ``hedging_utils.llm.cache_activations`` (into a
+Caches activations of the offline corpus with ``hedging_utils.activations.cache_activations`` (into a
 temporary cache folder, so nothing is reused) once per precision, and prints tokens/s, the
 model's arithmetic per token up to that layer, the FLOP/s this reaches, and its share of the
 FLOP/s of a plain float32 and bfloat16 matrix multiply of similar shape measured on the same
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from hedging_utils import llm
+from hedging_utils import activations
 from hedging_utils.profiles import PROFILES
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"torch threads: {torch.get_num_threads()}")
-    model = llm.load_model(args.model)
+    model = activations.load_model(args.model)
     tokens = -(-args.tokens // (small.shard_sequences * args.context_size)) * small.shard_sequences * args.context_size
     per_token = flops_per_token(model, args.layer, args.context_size)
     peaks = {"float32": matmul_flops(d=model.cfg.d_model), "bfloat16": matmul_flops(d=model.cfg.d_model, dtype=torch.bfloat16)}
@@ -63,7 +63,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["HEDGING_CACHE_DIR"] = cache
             start = time.perf_counter()
-            llm.cache_activations(args.model, [args.layer], "offline", context_size=args.context_size, n_tokens=args.tokens,
+            activations.cache_activations(args.model, [args.layer], "offline", context_size=args.context_size, n_tokens=args.tokens,
                                   shard_sequences=small.shard_sequences, loaded_model=model, precision=precision,
                                   progress=False)
             elapsed = time.perf_counter() - start

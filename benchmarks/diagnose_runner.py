@@ -36,7 +36,7 @@ def train(out: Path, tokens: int, layer: int) -> dict[str, Path]:
     from sae_lens.registry import get_sae_training_class
 
     import hedging_utils.diagnose  # noqa: F401  (registers the variants with SAELens)
-    from hedging_utils.llm import load_model
+    from hedging_utils.activations import load_model
     from hedging_utils.text import load_corpus
 
     started = time.perf_counter()

@@ -268,7 +268,7 @@ StreamFactory = Callable[[int, int], Stream]
 
 def _streams(activations: Any, batch_size: int) -> tuple[StreamFactory, dict[str, Any], int, torch.Tensor]:
     """(stream factory, what identifies the activations, their width, an evaluation sample)."""
-    from hedging_utils.llm import ActivationSource
+    from hedging_utils.activations import ActivationSource
 
     if isinstance(activations, ActivationSource):
         source = activations
@@ -397,7 +397,7 @@ def diagnose(
         sae: any SAELens SAE, training or inference form (``training_form`` converts it).
         activations: what the SAE reads, in the units it was trained on: a [n, d_in] tensor or
             array (shuffled per seed, epochs repeat if ``tokens`` exceeds n), an
-            ``hedging_utils.llm.ActivationSource``, or a factory ``(batch_size, seed) -> Stream``.
+            ``hedging_utils.activations.ActivationSource``, or a factory ``(batch_size, seed) -> Stream``.
         n_new_latents, tokens, seeds, batch_size, lr, dead_feature_window, init_norm,
             n_random_draws, precision: see ``DiagnoseSettings``; ``seeds`` is a count (seeds
             0..n-1) or the seeds themselves.
@@ -612,7 +612,7 @@ def check_cli(args: argparse.Namespace) -> CLIPlan:
     """Every check of the command line, before anything is loaded or computed: one SAE source;
     the SAE's folder (or release and id, and the hub for them); the model; the hook and layer
     (within the model); the SAE's d_in against the model's width; the corpus; the numbers."""
-    from hedging_utils.llm import MODELS, check_layers, check_model, hub_reachable
+    from hedging_utils.activations import MODELS, check_layers, check_model, hub_reachable
     from hedging_utils.text import check_corpus
 
     if bool(args.sae) == bool(args.release):
@@ -699,7 +699,7 @@ def _activations(plan: CLIPlan, tokens: int) -> tuple[torch.Tensor, float]:
     dropped), raw, and the scale that brings them to mean norm sqrt(d_model). Residual-stream
     hooks go through the project's activation cache (``llm.cache_activations``), so a rerun
     loads them without loading the model."""
-    from hedging_utils.llm import cache_activations
+    from hedging_utils.activations import cache_activations
 
     if plan.hook == f"blocks.{plan.layer}.hook_resid_post":
         source = cache_activations(plan.model.name, plan.layer, plan.corpus, context_size=plan.args.context_size,
@@ -708,7 +708,7 @@ def _activations(plan: CLIPlan, tokens: int) -> tuple[torch.Tensor, float]:
         return acts, source.scale
     from sae_lens.training.activations_store import ActivationsStore
 
-    from hedging_utils.llm import load_model, load_tokenizer
+    from hedging_utils.activations import load_model, load_tokenizer
     from hedging_utils.progress import progress_bar
     from hedging_utils.text import load_corpus
 

@@ -1,7 +1,7 @@
 """Evaluating SAEs with SAEBench and with the paper's part-of-speech probing (paper Figures 9
 and 21, appendix A.12.2; the post's SAEBench figure).
 
-Everything runs offline on a model object loaded with ``hedging_utils.llm.load_model``; SAEBench's
+Everything runs offline on a model object loaded with ``hedging_utils.activations.load_model``; SAEBench's
 ``run_eval`` entry points are not used (they load the model and data by name from the hubs).
 
 - **Feature absorption** (``absorption_metrics``): SAEBench's own steps,
@@ -792,7 +792,7 @@ def hub_probing_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenc
     evaluation's ``<eval>_status`` and headline metrics read "not run: <reason>". Otherwise the
     residuals of each dataset are computed once per (model, layer) and cached, and each SAE runs
     ``sparse_probing_from_activations`` / ``scr_tpp_from_activations`` on them."""
-    from hedging_utils.llm import hub_reachable
+    from hedging_utils.activations import hub_reachable
 
     reachable = hub_reachable() if hub is None else hub
     if not reachable:

@@ -210,13 +210,13 @@ def test_variants_train_through_sae_lens_runner_save_reload_and_diagnose(gt_mode
 
 
 def _refuse_compute(monkeypatch):
-    import hedging_utils.llm as llm
+    import hedging_utils.activations as activations
 
     def refuse(*a, **k):
         raise AssertionError("computed before the input was checked")
 
-    monkeypatch.setattr(llm, "load_model", refuse)
-    monkeypatch.setattr(llm, "cache_activations", refuse)
+    monkeypatch.setattr(activations, "load_model", refuse)
+    monkeypatch.setattr(activations, "cache_activations", refuse)
     monkeypatch.setattr(dg, "diagnose", refuse)
 
 
@@ -253,9 +253,9 @@ def test_sae_of_another_width_stops_before_compute(tmp_path, monkeypatch, capsys
 
 def test_missing_sae_folder_and_release_errors_stop_before_compute(tmp_path, monkeypatch, capsys):
     _refuse_compute(monkeypatch)
-    import hedging_utils.llm as llm
+    import hedging_utils.activations as activations
 
-    monkeypatch.setattr(llm, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(activations, "hub_reachable", lambda timeout=3.0: False)
     out = str(tmp_path / "out")
     cases = [
         (["--sae", str(tmp_path / "nothing"), "--out", out], "--sae"),

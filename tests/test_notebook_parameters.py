@@ -15,7 +15,7 @@ import pytest
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from hedging_utils.llm import hub_reachable
+from hedging_utils.activations import hub_reachable
 from hedging_utils.profiles import ParameterError
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))

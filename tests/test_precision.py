@@ -4,7 +4,7 @@ matters in a short LLM SAE run (the model's activations and predictions: tests/t
 import pytest
 import torch
 
-from hedging_utils import llm, precision
+from hedging_utils import activations, llm, precision
 from hedging_utils.profiles import ParameterError
 from hedging_utils.training import Job, TrainSettings, make_sae, seeded, train_together
 
@@ -28,7 +28,7 @@ def test_llm_settings_and_activation_keys_record_the_precision(monkeypatch):
     monkeypatch.setenv(precision.PRECISION_ENV, "bfloat16")
     assert llm.llm_settings(4096, 1024).precision == "bfloat16"
     assert llm.llm_settings(4096, 1024, precision="float32").precision == "float32"
-    keys = {p: llm.activation_key("gemma-3-270m", 3, "offline", 64, 1024, p) for p in ("float32", "bfloat16")}
+    keys = {p: activations.activation_key("gemma-3-270m", 3, "offline", 64, 1024, p) for p in ("float32", "bfloat16")}
     assert keys["float32"] != keys["bfloat16"] and keys["bfloat16"]["precision"] == "bfloat16"
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from hedging_utils import llm, saebench
+from hedging_utils import activations, llm, saebench
 from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae, seeded
 
@@ -17,7 +17,7 @@ SETTINGS = dataclasses.replace(PROFILES["ci"].saebench, min_probe_f1=0.0)
 
 @pytest.fixture(scope="module")
 def model():
-    return llm.load_model("gemma-3-270m")
+    return activations.load_model("gemma-3-270m")
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_sparse_probing_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
 
 
 def test_offline_hub_evaluations_say_why_they_did_not_run(monkeypatch):
-    monkeypatch.setattr(llm, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(activations, "hub_reachable", lambda timeout=3.0: False)
     out = saebench.hub_probing_metrics(None, None, LAYER, SETTINGS)
     assert set(out) == {"sparse_probing_status", "scr_status", "tpp_status", "sae_top_1_test_accuracy",
                         "scr_metric_threshold_20", "tpp_threshold_20_total_metric"}
@@ -172,8 +172,8 @@ def test_the_alphabetic_vocabulary_is_the_same_in_every_process():
     import subprocess
     import sys
     import hashlib
-    digest = "hashlib.sha256(chr(10).join(saebench._alpha_tokens(llm.load_offline_tokenizer())).encode()).hexdigest()"
-    code = f"import hashlib; from hedging_utils import llm, saebench; print({digest})"
+    digest = "hashlib.sha256(chr(10).join(saebench._alpha_tokens(activations.load_offline_tokenizer())).encode()).hexdigest()"
+    code = f"import hashlib; from hedging_utils import activations, saebench; print({digest})"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    here = eval(digest, {"hashlib": hashlib, "llm": llm, "saebench": saebench})  # this process: another hash seed
+    here = eval(digest, {"hashlib": hashlib, "activations": activations, "saebench": saebench})  # this process: another hash seed
     assert other == here

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hedging_utils import llm
+from hedging_utils import activations
 from hedging_utils.cache import source_hash
 from hedging_utils.profiles import ParameterError
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def fake_cache(folder: Path, n_shards: int, *, shard_sequences: int = 4, context: int = 8, d_model: int = 6,
-               seed: int = 0) -> llm.ActivationSource:
+               seed: int = 0) -> activations.ActivationSource:
     """A cache laid out as ``cache_activations`` writes it: BOS first in every sequence, and
     activations whose first component is the token's global position (to trace batches)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def fake_cache(folder: Path, n_shards: int, *, shard_sequences: int = 4, context
             "d_model": d_model, "n_shards": n_shards, "shard_sequences": shard_sequences, "scale": 1.0,
             "special_tokens": [BOS]}
     (folder / "settings.json").write_text(json.dumps(meta))
-    return llm.ActivationSource(folder, meta, n_shards, 1.0, [BOS])
+    return activations.ActivationSource(folder, meta, n_shards, 1.0, [BOS])
 
 
 def positions(batch: torch.Tensor) -> list[int]:
@@ -61,7 +61,7 @@ def test_windowed_stream_is_deterministic_resumable_and_visits_each_token_once_p
     assert positions(batches[0]) != positions(batches[per_epoch])  # another epoch, another order
     for b in (0, 10, 11, 32, 33, 70):  # resumes anywhere, inside a window or at its edge
         assert torch.equal(next(stream(b)), batches[b])
-    again = llm.ActivationSource(source.path, source.settings, 6, 1.0, [BOS]).stream(5, seed=3, window_bytes=2 * source.shard_bytes)
+    again = activations.ActivationSource(source.path, source.settings, 6, 1.0, [BOS]).stream(5, seed=3, window_bytes=2 * source.shard_bytes)
     assert all(torch.equal(a, b) for a, b in zip(again(0), batches))  # another object, same batches
     other_seed = source.stream(5, seed=4, window_bytes=2 * source.shard_bytes)
     assert not torch.equal(next(other_seed(0)), batches[0])
@@ -84,7 +84,7 @@ def test_a_window_holding_every_shard_keeps_the_in_memory_order(tmp_path):
 
     stream = source.stream(batch_size, seed)
     assert stream.whole and stream.key() == {"activations": source.settings, "batch_size": batch_size, "stream_seed": seed,
-                                             "code": source_hash(["llm"])}
+                                             "code": source_hash(["activations"])}
     it = stream(per_epoch - 2)
     for b in range(per_epoch - 2, per_epoch + 3):
         assert torch.equal(next(it), in_memory(b))
@@ -111,12 +111,12 @@ def test_a_pickled_stream_carries_no_activations(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from hedging_utils import llm
+    from hedging_utils import activations
     from hedging_utils.extension import control_and_extended
     from hedging_utils.training import TrainSettings, make_sae, seeded
     torch.set_num_threads(1)
     meta = json.loads(open(sys.argv[1] + "/settings.json").read())
-    source = llm.ActivationSource(llm.Path(sys.argv[1]), meta, meta["n_shards"], meta["scale"], meta["special_tokens"])
+    source = activations.ActivationSource(activations.Path(sys.argv[1]), meta, meta["n_shards"], meta["scale"], meta["special_tokens"])
     window_bytes = 2 * source.shard_bytes
     stream = source.stream(512, seed=0, window_bytes=window_bytes)
     calls, seen = [], []
