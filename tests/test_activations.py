@@ -2,6 +2,7 @@
 resumable activation cache, streams, bfloat16 products, and the TransformerLens model against Hugging
 Face's (see also test_text.py and test_streaming.py). Uses a tiny corpus and few tokens."""
 
+import json
 
 import pytest
 import torch
@@ -128,3 +129,31 @@ def test_bf16_products_keep_the_models_activations_and_predictions(model):
     agreement = float((logits16.float().argmax(-1) == logits32.argmax(-1)).float().mean())
     assert rel < ACTIVATION_REL_ERROR and agreement > TOP1_AGREEMENT, (rel, agreement)
     assert rel > 0  # bfloat16 really ran
+
+
+def test_the_offline_model_is_converted_once_and_a_changed_copy_is_refused(model, tmp_path):
+    """The converted model (``offline_model_dir``) is what the GGUF conversion gave: the check that
+    guards it (``check_same_model``) passes on the entry and fails on a copy with one weight or one
+    tokenizer setting changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf_model, tokenizer = activations.load_offline_hf_model()
+    folder = activations.offline_model_dir()
+    assert json.loads((folder / "complete.json").read_text()) == activations.offline_model_key()
+    activations.check_same_model(hf_model, tokenizer, folder)
+    weights = tmp_path / "weights"
+    shutil.copytree(folder, weights)
+    tensors = load_file(weights / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1e-3
+    save_file(tensors, weights / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="model saved in"):
+        activations.check_same_model(hf_model, tokenizer, weights)
+    flags = tmp_path / "flags"
+    shutil.copytree(folder, flags)
+    (flags / "tokenizer_flags.json").write_text(json.dumps({"add_bos_token": not tokenizer.add_bos_token}))
+    with pytest.raises(RuntimeError, match="tokenizer saved in"):
+        activations.check_same_model(hf_model, tokenizer, flags)

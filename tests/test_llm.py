@@ -59,7 +59,7 @@ def test_paper_settings_at_tiny_token_counts_take_the_streamed_path(model, monke
                                base_tokens=2048, continued_tokens=1024, batch_size=256)
     source = activations.cache_activations("gemma-3-270m", [9], tiny.corpus, context_size=tiny.context_size, n_tokens=tiny.cached_tokens,
                                    shard_sequences=tiny.shard_sequences, loaded_model=model, device="cpu", progress=False)[9]
-    monkeypatch.setattr(llm, "DEFAULT_WINDOW_BYTES", source.shard_bytes)  # a paper cache: far more shards than a window
+    monkeypatch.setattr(activations, "DEFAULT_WINDOW_BYTES", source.shard_bytes)  # a paper cache: far more shards than a window
     assert source.n_shards == 4 and not source.stream(tiny.batch_size).whole
     m = llm.measure_hedging(source, tiny.widths[0], tiny.n_new, architecture="batchtopk", base_tokens=tiny.base_tokens,
                             continued_tokens=tiny.continued_tokens, batch_size=tiny.batch_size, lr=tiny.lr_batchtopk,

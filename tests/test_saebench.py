@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from hedging_utils import activations, llm, saebench
+from hedging_utils import activations, saebench
 from hedging_utils.profiles import PROFILES, ParameterError
 from hedging_utils.training import make_sae, seeded
 
