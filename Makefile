@@ -14,8 +14,9 @@ TORCH ?= torch==2.13.0
 # evaluations run with this environment's versions, so it is installed without its dependencies
 # (the ones it needs, scikit-learn, threadpoolctl and tabulate, are in pyproject.toml).
 SAE_BENCH ?= sae-bench==0.6.0
-# sae-probes ships part of the offline corpus' text (data/corpus.toml); it declares xgboost, hf-transfer
-# and pyarrow<26, none of which reading its data files needs, so it too installs without them.
+# sae-probes ships part of the offline corpus' text (data/corpus.toml) and the tasks of SAEBench's k-sparse
+# probing; it declares xgboost (its CUDA build), hf-transfer and pyarrow<26, so it too installs without
+# them: it imports xgboost, and pyproject.toml has xgboost-cpu for that.
 SAE_PROBES ?= sae-probes==0.4.2
 # make test runs its tests in this many processes (pytest-xdist), one thread each: most tests are
 # small and dispatch-bound, so two single-threaded processes use two cores better than one process.

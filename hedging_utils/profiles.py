@@ -137,6 +137,13 @@ class SAEBenchScale:
         pos_examples_per_tag: at most this many words of a tag, and as many words of other tags,
             form the tag's probing dataset (80% train, 20% test).
         seed: SAEBench's ``random_seed`` (42).
+        probing_tasks: the sae-probes binary tasks of SAEBench's k-sparse probing
+            (``sparse_probing_sae_probes``; None: all 113 of sae-probes 0.4.2, SAEBench's default).
+        probing_train, probing_test: examples per task in the balanced train and test splits
+            (None: sae-probes' own, ``min(rows - 100, 1024)`` to train and the other rows, at most
+            5,000 in all, to test).
+        probing_max_seq_len: a prompt's last tokens read by the model (sae-probes: 1024).
+        probing_ks: the numbers of latents of the sparse probes (SAEBench: 1, 2, 5).
     """
 
     vocab_size: int | None
@@ -149,6 +156,11 @@ class SAEBenchScale:
     pos_sentences: int
     pos_examples_per_tag: int
     seed: int = 42
+    probing_tasks: tuple[str, ...] | None = None
+    probing_train: int | None = None
+    probing_test: int | None = None
+    probing_max_seq_len: int = 1024
+    probing_ks: tuple[int, ...] = (1, 2, 5)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,12 +170,19 @@ PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse
                                min_probe_f1=0.6, min_letters=20, model_batch_size=64, pos_sentences=50_000,
                                pos_examples_per_tag=5_000)
 # A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores.
+# k-sparse probing on six of sae-probes' 113 tasks (news topic, sentiment, code language, two
+# Wikidata tasks, spam), 256 + 128 prompts each and their last 128 tokens: all 113 at sae-probes'
+# sizes are about 300,000 prompts of up to 1,024 tokens, days of model time on 2 cores.
+SMALL_PROBING_TASKS = ("161_agnews_0", "113_movie_sent", "159_code_Python", "56_wikidatasex_or_gender",
+                       "62_wikidata_occupation_ispolitician", "96_spam_is")
 SMALL_SAEBENCH = SAEBenchScale(vocab_size=3_000, letter_probe_epochs=50, k_sparse_probe_epochs=50, max_k_value=10,
                                min_probe_f1=0.6, min_letters=20, model_batch_size=32, pos_sentences=2_000,
-                               pos_examples_per_tag=500)
+                               pos_examples_per_tag=500, probing_tasks=SMALL_PROBING_TASKS, probing_train=256,
+                               probing_test=128, probing_max_seq_len=128)
 CI_SAEBENCH = SAEBenchScale(vocab_size=208, letter_probe_epochs=10, k_sparse_probe_epochs=5, max_k_value=3,
                             min_probe_f1=0.6, min_letters=20, model_batch_size=32, pos_sentences=80,
-                            pos_examples_per_tag=40)
+                            pos_examples_per_tag=40, probing_tasks=("5_hist_fig_ismale", "113_movie_sent"),
+                            probing_train=64, probing_test=64, probing_max_seq_len=64)
 
 
 def matryoshka_levels(width: int, level_divisors: Sequence[int]) -> list[int]:

