@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 figures: env
-	$(BIN)/python -m hedging_utils.figures --profile $(PROFILE)
+	$(BIN)/python -m hedging_utils.regenerate --profile $(PROFILE)
 
 test: unit notebooks
 

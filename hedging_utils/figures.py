@@ -1,4 +1,4 @@
-"""Writing figures with the numbers behind them, and regenerating them all.
+"""Writing figures with the numbers behind them.
 
 Each figure ``<id>`` (its id in FIGURES.md: P2, X-theory, LW-snap-single, ...) is written as
 ``<dir>/<id>.png`` and ``.pdf``, its data as ``<dir>/data/<id>.csv`` and its settings and
@@ -13,32 +13,24 @@ to any module a notebook reaches makes its figures stale; a module it never impo
 notebook's) does not. A test compares the committed figures' provenance with today's profile and
 code: a recorded setting that differs, or code that does.
 
-``python -m hedging_utils.figures --profile small [-p NAME VALUE ...] [01 02 ...]`` executes
-the notebooks in order with papermill (what ``make figures`` runs).
+``hedging_utils.regenerate`` runs the notebooks that write them (``make figures``).
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
-import logging
 import os
-import re
-import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hedging_utils.cache import code_version, imported_modules, module_closure, notebook_source, source_hash
-from hedging_utils.profiles import REPO_ROOT, ParameterError, Profile, check_positive_int, figures_dir, resolve_profile
-from hedging_utils.progress import PROGRESS_LOG_ENV, echo
+from hedging_utils.cache import code_version, notebook_source, source_hash
+from hedging_utils.profiles import REPO_ROOT, Profile, figures_dir
 
 MANIFEST = "manifest.json"
 
@@ -257,7 +249,7 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# Regenerating every figure
+# Provenance
 
 
 def notebook_code_version(notebook: str) -> str:
@@ -265,164 +257,3 @@ def notebook_code_version(notebook: str) -> str:
     ``cache.code_version`` of its code, or of the whole package for a name with no notebook file."""
     path = REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
     return code_version(notebook_source(path)) if path.is_file() else source_hash()
-
-
-def notebooks() -> list[Path]:
-    return sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-
-
-def check_parameters(todo: Sequence[Path], parameters: Mapping[str, Any]) -> None:
-    """Raise a ParameterError, naming them, for any of ``parameters`` that a notebook of ``todo``
-    does not define in its parameters cell (papermill would only warn and run on with its
-    defaults). ``profile`` is the runner's own ``--profile``."""
-    import papermill as pm
-
-    if "profile" in parameters:
-        raise ParameterError("set the profile with --profile, not -p profile.")
-    unknown = {nb.name: sorted(set(parameters) - set(pm.inspect_notebook(str(nb)))) for nb in todo}
-    unknown = {name: names for name, names in unknown.items() if names}
-    if unknown:
-        lines = "; ".join(f"{', '.join(names)} is not a parameter of {name}" for name, names in unknown.items())
-        raise ParameterError(f"{lines}. Run only the notebooks that define it (e.g. `python -m hedging_utils.figures "
-                             f"-p NAME VALUE 04`); their parameters are in each notebook's first code cell.")
-
-
-PARALLEL_THREADS = 1
-"""Torch threads of each notebook that runs beside another (``parallel_notebooks``)."""
-
-
-def parallel_notebooks(todo: Sequence[Path]) -> list[Path]:
-    """The notebooks of ``todo`` that run two (or as many as the machine has cores) at a time,
-    one torch thread each: those whose code never reaches the language-model modules (``llm``).
-    Their work is toy SAE training, bound by dispatching small tensor operations on one core,
-    which a second thread does not speed up, and stacked training gives the same numbers with
-    one thread as with two (a test checks it). The LLM notebooks are matmul-bound: they run one
-    at a time, afterwards, with every core."""
-    return [nb for nb in todo if "llm" not in module_closure(imported_modules(notebook_source(nb)))]
-
-
-def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
-                  out_dir: str | os.PathLike | None = None, workers: int | None = None) -> None:
-    """Execute the notebooks with papermill under ``profile``.
-
-    ``only``: notebook name prefixes (e.g. ``["01", "04"]``; empty: all). ``parameters``: values
-    for the notebooks' parameters cells, checked against every notebook to run before any of
-    them starts (``check_parameters``). The toy notebooks (``parallel_notebooks``) run first,
-    ``workers`` at a time (default: the machine's cores), each with ``PARALLEL_THREADS`` torch
-    thread; then the others in order, one at a time with every core. Executed copies and
-    ``timings.json`` (each notebook's wall time and torch threads) go to ``out_dir`` (default
-    ``build/notebooks/<profile>/``, kept out of git)."""
-    import papermill as pm
-
-    resolved = resolve_profile(profile)
-    todo = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
-    if not todo:
-        raise ParameterError(f"no notebook starts with {list(only)}; the notebooks are {[nb.name for nb in notebooks()]}.")
-    parameters = dict(parameters or {})
-    check_parameters(todo, parameters)
-    workers = workers if workers is not None else max(1, os.cpu_count() or 1)
-    check_positive_int("workers", workers)
-    from hedging_utils.reading import EXECUTED_DIR, publish
-
-    out = Path(out_dir) if out_dir is not None else REPO_ROOT / "build" / "notebooks" / resolved.name
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "progress.log"
-    log.write_text("")
-    published = figures_dir(resolved) == REPO_ROOT / "figures"
-    timings: dict[str, dict[str, Any]] = {}
-    parallel = parallel_notebooks(todo)
-    phases = [(parallel, workers, PARALLEL_THREADS), ([nb for nb in todo if nb not in parallel], 1, None)]
-
-    def say(line: str) -> None:  # one write per line: notebooks side by side never interleave within a line
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-    def execute(nb: Path, threads: int | None) -> None:
-        say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} (profile {resolved.name}{f', {threads} thread' if threads else ''})")
-        start = time.perf_counter()
-        pm.execute_notebook(
-            str(nb), str(out / nb.name), parameters={**parameters, "profile": resolved.name},
-            cwd=str(nb.parent), log_output=True, progress_bar=False, kernel_name="python3",
-        )
-        timings[nb.name] = {"seconds": round(time.perf_counter() - start, 1), "threads": threads or os.cpu_count()}
-        if published:
-            size = publish(out / nb.name, EXECUTED_DIR / nb.name)
-            say(f"  {nb.name}: {size / 1e6:.1f} MB in {EXECUTED_DIR.relative_to(REPO_ROOT)}")
-        say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s")
-
-    # the kernels inherit the environment: the progress log (bars there, one line in the notebook) and the threads
-    saved = {name: os.environ.get(name) for name in (PROGRESS_LOG_ENV, *THREAD_ENVS)}
-    os.environ[PROGRESS_LOG_ENV] = str(log)
-    stop_echo = echo(log)
-    try:
-        for batch, n_workers, threads in phases:
-            for name in THREAD_ENVS:
-                if threads:
-                    os.environ[name] = str(threads)
-                elif saved[name] is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = saved[name]  # type: ignore[assignment]
-            if n_workers == 1 or len(batch) < 2:
-                for nb in batch:
-                    execute(nb, threads)
-            else:
-                with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                    for future in [pool.submit(execute, nb, threads) for nb in batch]:
-                        future.result()
-    finally:
-        stop_echo()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    ordered = {nb.name: timings[nb.name] for nb in todo if nb.name in timings}
-    (out / "timings.json").write_text(json.dumps(ordered, indent=1) + "\n")
-    print(f"figures in {figures_dir(resolved)}; executed notebooks in {out}" + (f" and {EXECUTED_DIR}" if published else ""))
-
-
-THREAD_ENVS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-"""What sets a kernel's torch (and BLAS) threads at its start."""
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Regenerate the figures by executing the notebooks.")
-    parser.add_argument("--profile", default=os.environ.get("PROFILE", "small"), help="ci, small (default) or paper")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a notebook parameter, its value read as YAML (-p seed 3, -p widths '[16, 32]', -p k null); "
-                             "a name the notebooks to run do not define stops the run before any compute")
-    parser.add_argument("only", nargs="*", help="notebook name prefixes, e.g. 01 (default: all)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output at INFO
-    for noisy in ("traitlets", "asyncio", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        run_notebooks(args.profile, args.only, parse_parameters(args.parameter))
-    except ParameterError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    return 0
-
-
-def parse_parameters(pairs: Iterable[Sequence[str]]) -> dict[str, Any]:
-    """``{name: value}`` from ``-p NAME VALUE`` pairs, each value read as YAML (``3`` an int,
-    ``0.5`` and ``1e-3`` floats, ``[1, 2]`` a list, ``null`` None, ``abc`` a string); a name given
-    twice is refused."""
-    import yaml
-
-    parameters: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in parameters:
-            raise ParameterError(f"-p {name} is given twice.")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str) and _EXPONENT_FLOAT.fullmatch(parsed.strip()):
-            parsed = float(parsed)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        parameters[name] = parsed
-    return parameters
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

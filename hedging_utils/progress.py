@@ -1,7 +1,7 @@
 """Progress bars and timings: live in JupyterLab, in a log file in a headless run.
 
 In JupyterLab a sweep shows a widget bar (``tqdm.auto``). The headless runner
-(``python -m hedging_utils.figures``, what ``make figures`` runs) sets ``$HEDGING_PROGRESS_LOG``
+(``python -m hedging_utils.regenerate``, what ``make figures`` runs) sets ``$HEDGING_PROGRESS_LOG``
 to a log file: every bar, and every timing, is drawn as text into that file (the runner echoes
 it to its stderr), and the notebook keeps one line per sweep (``training.train_saes`` prints
 what it trains and how many steps, the same whether the SAEs train or load from the cache; a

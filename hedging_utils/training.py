@@ -67,7 +67,7 @@ TRAINING_SOURCES = ("training", "precision", "variants", "toys")
 loss and the trainer (``training``, ``precision``), the balance-matryoshka architectures and their
 losses (``variants``) and the toy data and SAE initialisation (``toys``). An edit to any of them
 retrains every SAE; edits elsewhere (plots, metrics, notebooks) reuse the cache. An LLM SAE's
-data stream adds the source of ``llm`` to its own key (``ActivationStream.key``)."""
+data stream adds the source of ``activations`` to its own key (``ActivationStream.key``)."""
 
 
 @functools.cache

@@ -137,7 +137,7 @@ def test_a_notebooks_source_is_its_code_cells_without_magics(tmp_path):
 
 
 def test_every_real_notebook_reaches_the_modules_that_write_its_figures():
-    from hedging_utils.figures import notebooks
+    from hedging_utils.regenerate import notebooks
     for path in notebooks():
         reached = cache.module_closure(cache.imported_modules(cache.notebook_source(path)))
         assert {"__init__", "figures", "cache", "variants"} <= set(reached), path.name

@@ -76,7 +76,7 @@ def test_every_committed_figure_was_made_by_todays_code_and_profile():
     stale = stale_figures(MANIFEST, FIGURES, settings, notebook_code_version)
     notebooks = sorted({MANIFEST[f]["notebook"][:2] for f in stale})
     assert not stale, (f"{len(stale)} of {len(MANIFEST)} committed figures are stale; regenerate them with `make figures` "
-                       f"(or `python -m hedging_utils.figures {' '.join(notebooks)}`):\n  " + "\n  ".join(stale.values()))
+                       f"(or `python -m hedging_utils.regenerate {' '.join(notebooks)}`):\n  " + "\n  ".join(stale.values()))
 
 
 def test_a_figure_from_other_settings_or_code_is_named_stale(tmp_path):

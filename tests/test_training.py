@@ -404,7 +404,7 @@ def test_the_levels_closed_form_gradient_is_autograds(detach):
 
 
 def test_a_toy_stack_trains_to_the_same_bits_with_one_thread_as_with_two():
-    """What lets ``figures.run_notebooks`` run the toy notebooks side by side with one torch
+    """What lets ``regenerate.run_notebooks`` run the toy notebooks side by side with one torch
     thread each: their stacked training gives bit-identical SAEs with one thread and with two."""
     toy, width, common, variants = SWEEPS["batchtopk with AuxK, no decoder-norm rescaling (P15)"]
     jobs = {i: toy_job(toy, width, batch_size=200, seed=i, **common, **v) for i, v in enumerate(variants)}
