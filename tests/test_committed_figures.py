@@ -1,6 +1,7 @@
 """The default-profile figures committed in figures/ are complete, self-describing and current:
 made by today's code under today's ``small`` profile."""
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -52,15 +53,48 @@ def changed_settings(recorded, today, prefix=""):
     return changed
 
 
-def stale_figures(manifest, figures, settings, code_version):
+PROFILE_NAME = "P"  # every notebook binds its resolved profile to this name
+
+
+def profile_fields_read(code: str) -> set[str]:
+    """The profile's top-level settings a notebook's code reads: every ``P.<field>``. The profile
+    may go whole only to ``FigureWriter.for_notebook`` (which records it); anything else that takes
+    ``P`` whole could read any setting, so it is refused rather than guessed."""
+    tree = ast.parse(code)
+    fields, allowed = {"name"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == PROFILE_NAME:
+            fields.add(node.attr)
+            allowed.add(id(node.value))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "for_notebook"):
+            allowed.update(id(a) for a in node.args if isinstance(a, ast.Name) and a.id == PROFILE_NAME)
+    whole = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == PROFILE_NAME
+             and isinstance(n.ctx, ast.Load) and id(n) not in allowed]
+    if whole:
+        raise AssertionError(f"the profile {PROFILE_NAME} is used whole on line(s) {[n.lineno for n in whole]}, not only by "
+                             "FigureWriter.for_notebook; read its settings as P.<field> so a figure's staleness can be judged")
+    return fields
+
+
+def notebook_code(notebook: str) -> str:
+    cells = json.loads((ROOT / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def stale_figures(manifest, figures, settings, code_version, fields_read=None):
     """{figure id: why it is stale} for the figures whose record departs from ``settings`` (the
-    profile's settings, as JSON) or from ``code_version(notebook)`` (the source hash of the code
-    its notebook runs)."""
+    profile's settings, as JSON) in a setting its notebook reads (``fields_read(notebook)``, a set
+    of top-level names; None: every setting) or from ``code_version(notebook)`` (the source hash
+    of the code its notebook runs)."""
     stale = {}
     for figure_id, entry in manifest.items():
         meta = json.loads((figures / entry["meta"]).read_text())
         reasons = []
-        changed = changed_settings(meta.get("profile_settings") or {}, settings) if meta.get("profile_settings") else ["all"]
+        recorded = meta.get("profile_settings") or {}
+        if fields_read is not None:
+            read = fields_read(entry["notebook"])
+            recorded = {k: v for k, v in recorded.items() if k in read}
+        changed = changed_settings(recorded, settings) if meta.get("profile_settings") else ["all"]
         if changed:
             reasons.append(f"profile settings differ in {', '.join(changed)}")
         expected = code_version(entry["notebook"])
@@ -73,7 +107,8 @@ def stale_figures(manifest, figures, settings, code_version):
 
 def test_every_committed_figure_was_made_by_todays_code_and_profile():
     settings = json.loads(json.dumps(resolve_profile("small").to_dict()))
-    stale = stale_figures(MANIFEST, FIGURES, settings, notebook_code_version)
+    stale = stale_figures(MANIFEST, FIGURES, settings, notebook_code_version,
+                          lambda notebook: profile_fields_read(notebook_code(notebook)))
     notebooks = sorted({MANIFEST[f]["notebook"][:2] for f in stale})
     assert not stale, (f"{len(stale)} of {len(MANIFEST)} committed figures are stale; regenerate them with `make figures` "
                        f"(or `python -m hedging_utils.regenerate {' '.join(notebooks)}`):\n  " + "\n  ".join(stale.values()))
@@ -103,6 +138,32 @@ def test_a_figure_from_other_settings_or_code_is_named_stale(tmp_path):
     assert "not recorded" in stale["D"] and "profile settings" not in stale["D"]
     assert "now " + "b" * 16 in stale["E"] and "profile settings" not in stale["E"]
     assert f"{nested}.seeds_x" in stale["F"] and "retired" in stale["G"]
+
+
+def test_a_setting_only_stales_the_notebooks_that_read_it(tmp_path):
+    settings = json.loads(json.dumps(resolve_profile("small").to_dict()))
+    (tmp_path / "data").mkdir()
+    manifest = {}
+    for figure_id, notebook in (("A", "01_toy_models"), ("B", "06_saebench")):
+        (tmp_path / "data" / f"{figure_id}.json").write_text(json.dumps({"id": figure_id, "profile_settings": settings,
+                                                                          "code_version": "a" * 16}))
+        manifest[figure_id] = {"meta": f"data/{figure_id}.json", "notebook": notebook}
+    reads = {"01_toy_models": {"name", "toy_steps"}, "06_saebench": {"name", "saebench"}}.__getitem__
+    code = lambda notebook: "a" * 16
+    today = {**settings, "saebench": {**settings["saebench"], "vocab_size": 1}}
+    assert sorted(stale_figures(manifest, tmp_path, today, code, reads)) == ["B"]
+    today = {**settings, "toy_steps": 1}
+    assert sorted(stale_figures(manifest, tmp_path, today, code, reads)) == ["A"]
+    assert sorted(stale_figures(manifest, tmp_path, today, code)) == ["A", "B"]  # without fields: every setting counts
+
+
+def test_the_settings_a_notebook_reads_are_found_and_a_whole_profile_elsewhere_is_refused():
+    code = 'P = resolve_profile(profile)\nout = FigureWriter.for_notebook("01", P, figures_dir)\nx = P.toy_steps + P.llm.k\n'
+    assert profile_fields_read(code) == {"name", "toy_steps", "llm"}
+    with pytest.raises(AssertionError, match="used whole"):
+        profile_fields_read(code + "train(P)\n")
+    for notebook in sorted({entry["notebook"] for entry in MANIFEST.values()}):
+        assert "name" in profile_fields_read(notebook_code(notebook))
 
 
 def test_readme_gallery_lists_every_figure():
