@@ -10,8 +10,8 @@ Modules, one concept each:
 - ``variants``: balance matryoshka (L1, BatchTopK) and MSE / L2 / snap losses as SAELens architectures;
 - ``extension``: extending an SAE by N latents, control vs extended on identical batches, growing SAEs;
 - ``llm``: a language model's activations (offline Gemma 3 270M or the paper's models), and SAEs trained on them;
-- ``saebench``: SAEBench's absorption (and its probing, SCR and TPP where their data are reachable) and
-  part-of-speech probing, offline on the project's model;
+- ``saebench``: SAEBench's absorption, k-sparse probing (sae-probes' tasks) and TPP (AG News' topics
+  from sae-probes; SCR not run), and part-of-speech probing, offline on the project's model;
 - ``ground_truth``: SAEs against a known synthetic model (SAELens' SynthSAEBench recipe): true hedging,
   absorption, and SAELens' synthetic evaluation;
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
