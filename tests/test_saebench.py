@@ -367,3 +367,35 @@ def test_a_latent_on_each_topic_probe_direction_scores_higher_tpp_than_random(mo
     assert planted["tpp_threshold_2_intended_diff_only"] > planted["tpp_threshold_2_unintended_diff_only"]
     # the same SAE gives the same numbers (each evaluation draws the probes' negatives from the same seed)
     assert saebench.tpp_metrics(_planted_tpp_sae(data), data, SETTINGS) == planted
+
+
+def test_tpp_matches_saebench_run_eval_single_dataset(model, shared_cache, tmp_path, monkeypatch):
+    """Our TPP against SAEBench's own ``run_eval_single_dataset`` (``fancyzhx/ag_news``), with its
+    dataset loader answering our AG News texts instead of the hub (and AG News' classes cut to the
+    three sae-probes has): SAEBench tokenises, collects the residuals and trains its probes itself.
+    Its second call loads its saved activations and probes, so, seeded as ``run_eval_single_sae``
+    seeds each SAE, it is the path every SAE after the first takes."""
+    from sae_bench.evals.scr_and_tpp import dataset_creation
+    from sae_bench.evals.scr_and_tpp import main as scr_main
+    from sae_bench.sae_bench_utils import dataset_info
+
+    name = "fancyzhx/ag_news"
+    texts = saebench.tpp_texts(SETTINGS)
+    monkeypatch.setattr(dataset_creation, "get_train_test_data", lambda *a, **k: tuple({c: list(t) for c, t in s.items()} for s in texts))
+    monkeypatch.setitem(dataset_info.chosen_classes_per_dataset, name, list(saebench.TPP_TASKS))
+    monkeypatch.setitem(scr_main.COLUMN2_VALS_LOOKUP, name, None)
+    monkeypatch.setattr(model.tokenizer, "padding_side", "right")  # as SAEBench's HookedTransformer.from_pretrained sets it
+    sae = _planted_tpp_sae(saebench.tpp_data(model, LAYER, SETTINGS, progress=False))
+    config = saebench.tpp_config(SETTINGS, sae.cfg.d_sae)
+    args = (name, config, sae, model, LAYER, saebench.hook_name(LAYER), "cpu", str(tmp_path))
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+        scr_main.run_eval_single_dataset(*args)
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+        raw, clean = scr_main.run_eval_single_dataset(*args)
+        theirs, _ = scr_main.create_tpp_plotting_dict(raw, clean)
+    data = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
+    assert data.llm_test_accuracies == pytest.approx(clean, abs=1e-6)
+    ours = saebench.tpp_metrics(sae, data, SETTINGS)
+    assert set(theirs) <= set(ours) and theirs["tpp_threshold_2_total_metric"] > 0.1  # the planted latents count
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
