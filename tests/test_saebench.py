@@ -110,6 +110,20 @@ def test_absorption_below_saebenchs_letter_count_reports_no_number(model, shared
     assert 0.0 <= out["first_letter_k1_f1"] <= 1.0 and out["first_letter_probe_f1"] > strict.min_probe_f1
 
 
+def test_rescaled_latents_let_a_sparse_tag_latent_beat_a_dense_loud_one():
+    from sae_bench.evals.sparse_probing import probe_training
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1] * 50 + [0] * 50, dtype=torch.int32)
+    dense = 20.0 + torch.rand(100, generator=g) + 3.0 * labels  # always on, loud: a larger raw class shift, a small relative one
+    sparse = 2.0 * labels.float()  # fires on the tag's words only
+    quiet = 0.5 * (torch.rand(100, generator=g) < 0.3)  # never above 1: left as it is
+    acts = torch.stack([dense, sparse, quiet], dim=1)
+    scaled = saebench.rescale_latents(acts)
+    assert torch.allclose(scaled[acts[:, 0] != 0, 0].mean(), torch.tensor(1.0)) and torch.equal(scaled[:, 2], acts[:, 2])
+    pick = lambda x: int(torch.nonzero(~probe_training.get_top_k_mean_diff_mask(x, labels, 1))[0])
+    assert pick(acts) == 0 and pick(scaled) == 1
+
+
 def test_inference_sae_folds_the_input_scale():
     sae = _sae("standard", l1_coefficient=1.0)
     inference = saebench.inference_sae(sae, 2.0)
