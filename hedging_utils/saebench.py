@@ -55,7 +55,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -297,6 +297,19 @@ def letter_probes_key(model: Any, layer: int, settings: SAEBenchScale) -> dict[s
             "sae_bench": sae_bench_version(), "format": FORMAT}
 
 
+def _cached_build(kind: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, float]:
+    """``cached_dir(kind, key, build)`` and the seconds ``build`` took (0.0 when the entry was
+    already there): the SAE-independent data of every evaluation here are built this way."""
+    seconds = [0.0]
+
+    def timed(tmp: Path) -> None:
+        start = time.perf_counter()
+        build(tmp)
+        seconds[0] = time.perf_counter() - start
+
+    return cached_dir(kind, key, timed), seconds[0]
+
+
 def letter_probes(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool = True) -> LetterProbes:
     """SAEBench's first-letter probe for ``model`` at ``layer`` on a seeded subsample of
     ``settings.vocab_size`` alphabetic tokens (its ``create_and_train_probe``: ICL prompts, the
@@ -306,20 +319,17 @@ def letter_probes(model: Any, layer: int, settings: SAEBenchScale, *, progress: 
     check_settings(settings)
     layer = check_layer(model, layer)
     key = letter_probes_key(model, layer, settings)
-    start = time.perf_counter()
-    built = []
 
     def build(tmp: Path) -> None:
-        built.append(True)
         _build_letter_probes(model, layer, settings, tmp, progress)
 
-    path = cached_dir("saebench_letter_probes", key, build)
+    path, seconds = _cached_build("saebench_letter_probes", key, build)
     meta = json.loads((path / "letter_probes.json").read_text())
     tensors = load_file(str(path / "absorption_prompts.safetensors"))
     prompts = json.loads((path / "absorption_prompts.json").read_text())
     replay = dict(zip(prompts, tensors["residuals"]))
     return LetterProbes(path, key, meta["probe_f1"], meta["vocab_size"], meta["n_vocab"], replay,
-                        time.perf_counter() - start if built else 0.0)
+                        seconds)
 
 
 def _build_letter_probes(model: Any, layer: int, settings: SAEBenchScale, tmp: Path, progress: bool) -> None:
@@ -624,20 +634,17 @@ def pos_dataset(
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "text": text_key, "tags": list(POS_TAGS),
            "pos_sentences": settings.pos_sentences, "pos_examples_per_tag": settings.pos_examples_per_tag,
            "seed": settings.seed, "format": FORMAT}
-    start = time.perf_counter()
-    built = []
 
     def build(tmp: Path) -> None:
-        built.append(True)
         chosen = sentences if sentences is not None else silver_tagged_sentences(corpus, settings.pos_sentences)
         _build_pos_dataset(model, layer, settings, chosen[:settings.pos_sentences], source, tmp, progress)
 
-    path = cached_dir("saebench_pos", key, build)
+    path, seconds = _cached_build("saebench_pos", key, build)
     meta = json.loads((path / "pos.json").read_text())
     tensors = load_file(str(path / "pos.safetensors"))
     splits = {tag: tuple(tensors[f"{tag}_{part}"] for part in ("train_idx", "train_y", "test_idx", "test_y")) for tag in meta["splits"]}
     return PosDataset(path, key, meta["tags_source"], tensors["residuals"], meta["tags"], splits,  # type: ignore[arg-type]
-                      time.perf_counter() - start if built else 0.0)
+                      seconds)
 
 
 def _build_pos_dataset(model: Any, layer: int, settings: SAEBenchScale, sentences: list, source: str, tmp: Path,
@@ -847,18 +854,15 @@ def probing_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: b
            "train": settings.probing_train, "test": settings.probing_test, "max_seq_len": settings.probing_max_seq_len,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_probes": _version("sae-probes"),
            "format": FORMAT}
-    start = time.perf_counter()
-    built = []
 
     def build(tmp: Path) -> None:
-        built.append(True)
         _build_probing_data(model, layer, settings, tasks, tmp, progress)
 
-    path = cached_dir("saebench_sae_probes", key, build)
+    path, seconds = _cached_build("saebench_sae_probes", key, build)
     meta = json.loads((path / "probing.json").read_text())
     tensors = load_file(str(path / "probing.safetensors"))
     split = {t: tuple(tensors[f"{t}/{part}"] for part in ("X_train", "y_train", "X_test", "y_test")) for t in meta["tasks"]}
-    return ProbingData(path, key, split, meta["llm_metrics"], time.perf_counter() - start if built else 0.0)  # type: ignore[arg-type]
+    return ProbingData(path, key, split, meta["llm_metrics"], seconds)  # type: ignore[arg-type]
 
 
 def _build_probing_data(model: Any, layer: int, settings: SAEBenchScale, tasks: list[str], tmp: Path, progress: bool) -> None:
@@ -1124,14 +1128,11 @@ def tpp_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool 
            "train": settings.tpp_train, "test": settings.tpp_test, "context_length": settings.tpp_context_length,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_bench": sae_bench_version(),
            "sae_probes": _version("sae-probes"), "format": FORMAT}
-    start = time.perf_counter()
-    built = []
 
     def build(tmp: Path) -> None:
-        built.append(True)
         _build_tpp_data(model, layer, settings, tmp, progress)
 
-    path = cached_dir("saebench_tpp", key, build)
+    path, seconds = _cached_build("saebench_tpp", key, build)
     meta = json.loads((path / "tpp.json").read_text())
     tensors = load_file(str(path / "tpp.safetensors"))
     classes, d_model = meta["classes"], model.cfg.d_model
@@ -1142,7 +1143,7 @@ def tpp_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool 
         probe.net.bias.data.copy_(tensors[f"probe/{c}/bias"])
         probes[c] = probe.eval()
     return TPPData(path, key, _unpack(tensors, "train", classes, d_model), _unpack(tensors, "test", classes, d_model), probes,
-                   meta["llm_test_accuracies"], time.perf_counter() - start if built else 0.0)
+                   meta["llm_test_accuracies"], seconds)
 
 
 def _build_tpp_data(model: Any, layer: int, settings: SAEBenchScale, tmp: Path, progress: bool) -> None:
