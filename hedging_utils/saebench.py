@@ -1239,8 +1239,9 @@ def evaluate_sae(
     tpp = tpp_data(model, layer, settings, progress=progress)
     start = time.perf_counter()
     inference = inference_sae(sae, input_scale)
+    as_read_back = json.loads(json.dumps(settings.to_dict()))  # tuples as lists: a fresh result reads as a cached one
     result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "d_sae": sae.cfg.d_sae,
-                              "architecture": sae.cfg.architecture(), **{f"setting_{k}": v for k, v in settings.to_dict().items()}}
+                              "architecture": sae.cfg.architecture(), **{f"setting_{k}": v for k, v in as_read_back.items()}}
     t = time.perf_counter()
     result.update(absorption_metrics(inference, model, layer, settings, probes))
     result["absorption_seconds"] = time.perf_counter() - t

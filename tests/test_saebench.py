@@ -72,6 +72,7 @@ def test_absorption_and_pos_metrics_are_in_range_and_cached(model, shared_cache,
     monkeypatch.setattr(saebench, "tpp_metrics", fail)
     again = saebench.evaluate_sae(_sae(), model, LAYER, SETTINGS, input_scale=1.3, progress=False)
     assert again["cached"] is True and again["mean_absorption_fraction_score"] == result["mean_absorption_fraction_score"]
+    assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in result.items() if k != "cached"}
 
 
 def test_letter_probes_and_pos_data_are_built_once(model, shared_cache, monkeypatch):
