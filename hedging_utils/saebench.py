@@ -1032,7 +1032,6 @@ TPP_TASKS = {"0": "161_agnews_0", "1": "162_agnews_1", "2": "163_agnews_2"}
 """sae-probes' AG News tasks, by the AG News label their positives carry (SAEBench's class names
 for ``fancyzhx/ag_news``). sae-probes ships three of AG News' four topics; Sci/Tech (3) is not there."""
 TPP_TOPICS = {"0": "World", "1": "Sports", "2": "Business"}
-TPP_N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # ScrAndTppEvalConfig's n_values
 
 
 @dataclass
@@ -1095,7 +1094,7 @@ def tpp_config(settings: SAEBenchScale, d_sae: int | None = None) -> Any:
     refuses to ablate more latents than an SAE has)."""
     from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
 
-    n_values = [n for n in TPP_N_VALUES if d_sae is None or n <= d_sae]
+    n_values = [n for n in ScrAndTppEvalConfig().n_values if d_sae is None or n <= d_sae]  # SAEBench's default n_values
     return ScrAndTppEvalConfig(random_seed=settings.seed, dataset_names=["fancyzhx/ag_news"], perform_scr=False,
                                train_set_size=2 * settings.tpp_train, test_set_size=2 * settings.tpp_test,
                                context_length=settings.tpp_context_length, llm_batch_size=settings.model_batch_size,
