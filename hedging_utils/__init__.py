@@ -3,21 +3,31 @@
 Modules, one concept each:
 
 - ``profiles``: the ``ci`` / ``small`` / ``paper`` profiles and parameter checks;
+- ``cache``: settings-keyed, atomically written disk cache, and the source hash that keys follow the code with;
+- ``progress``: progress bars and timings, live in JupyterLab and in a log file headless;
 - ``precision``: bfloat16 products for the LLM work where the hardware has bfloat16 units, float32 elsewhere;
 - ``training``: one ``TrainSettings``; building, training (a sweep as one stacked computation) and caching SAEs;
 - ``toys``: toy models of orthogonal features on SAELens' synthetic data, and the SAEs trained on them;
+- ``combinations``: the "true features" post's toy of co-firing features and a rare one;
 - ``theory``: exact loss curves of a tied latent and the MSE-optimal (OLS) decoder of appendix A.4;
 - ``variants``: balance matryoshka (L1, BatchTopK) and MSE / L2 / snap losses as SAELens architectures;
+- ``orthogonality``: the decoder-orthogonality penalties (pairwise and OrtSAE's chunked form) as SAELens architectures;
 - ``extension``: extending an SAE by N latents, control vs extended on identical batches, growing SAEs;
-- ``llm``: a language model's activations (offline Gemma 3 270M or the paper's models), and SAEs trained on them;
-- ``saebench``: SAEBench's absorption (and its probing, SCR and TPP where their data are reachable) and
-  part-of-speech probing, offline on the project's model;
+- ``text``: the offline corpus (its sources, licences and mix), the Pile, or a user's own files;
+- ``activations``: the language model (offline Gemma 3 270M or the paper's models), the checks before
+  compute, and the settings-keyed activation cache read as training streams;
+- ``llm``: LLM SAE experiments on those activations: SAEs trained together, the recipes of notebooks
+  04-06, hedging degree of an SAE grown by a few latents;
+- ``saebench``: SAEBench's absorption, k-sparse probing (sae-probes' tasks) and TPP (AG News topics),
+  offline on the project's model, and the paper's part-of-speech probing; SCR says why it is not run;
 - ``ground_truth``: SAEs against a known synthetic model (SAELens' SynthSAEBench recipe): true hedging,
   absorption, and SAELens' synthetic evaluation;
 - ``metrics``: hedging degree (and the authors' clamped hedging rate) and the measurements the notebooks sweep;
 - ``plotting``: the tidy heatmap schema and the plots drawn from it;
-- ``figures``: saving figures with their data and manifest entries, and running the notebooks;
-- ``cache``: settings-keyed, atomically written disk cache, and the source hash that keys follow the code with;
+- ``figures``: saving figures with their data, settings and three-valued verdicts in the manifest;
+- ``regenerate``: running the notebooks headlessly with papermill (``make figures``);
+- ``reading``: the README's verdict table and an HTML copy of the executed notebooks;
+- ``browser_check``: screenshots of that copy and of JupyterLab in headless Chromium (``make browser-check``);
 - ``diagnose``: the hedging diagnostic for any SAELens SAE: ``hedging_utils.diagnose(sae, activations, ...)``
   or ``python -m hedging_utils.diagnose``. It loads on first use (the notebooks never import it).
 """
