@@ -400,11 +400,12 @@ def train_together(
 
 def train_with_sae_lens(job: Job, settings: TrainSettings, *, progress: bool = False) -> TrainingSAE[Any]:
     """Train a copy of ``job.sae`` with SAELens' own ``SAETrainer`` (the reference path; one SAE)."""
-    sae = copy_sae(job.sae)
-    batches = job.stream(job.start_batch)
+    device = training_device()
+    sae = copy_sae(job.sae).to(device)
+    batches = (batch.to(device) for batch in job.stream(job.start_batch))
     with _tqdm_disabled(not progress):
-        trainer = SAETrainer(cfg=sae_lens_trainer_config(settings), sae=sae, data_provider=batches)
-        return trainer.fit()
+        trainer = SAETrainer(cfg=sae_lens_trainer_config(settings, str(device)), sae=sae, data_provider=batches)
+        return trainer.fit().to("cpu")
 
 
 def sae_lens_trainer_config(settings: TrainSettings, device: str = "cpu") -> SAETrainerConfig:
@@ -564,7 +565,7 @@ class StackedSAEs(torch.nn.Module):
         k_aux = residual.shape[-1] // 2
         scale = (num_dead / k_aux).clamp(max=1.0)
         top = torch.where(dead[:, None, :], hidden_pre, -torch.inf).topk(min(k_aux, most), dim=-1)
-        keep = torch.arange(top.values.shape[-1]) < torch.clamp(num_dead, max=k_aux)[:, None]
+        keep = torch.arange(top.values.shape[-1], device=dead.device) < torch.clamp(num_dead, max=k_aux)[:, None]
         values = torch.where(keep[:, None, :], top.values, 0.0)
         aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
         error = torch.linalg.vector_norm(_addbmm(residual, aux_acts, decoder, alpha=-1.0, dtype=self.product_dtype), dim=-1).pow(2).mean(dim=1)
@@ -708,12 +709,12 @@ def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float], exact_ties:
     wanted = [int(value * acts.shape[1]) for value in ks]
     with torch.no_grad():
         if len(set(wanted)) == 1:
-            threshold = flat.kthvalue(flat.shape[1] - wanted[0] + 1, dim=1).values
+            threshold = _kth_largest(flat, wanted[0])
         else:
             threshold = flat.new_empty(len(flat))
             for value in set(wanted):
-                rows = torch.tensor([i for i, v in enumerate(wanted) if v == value])
-                threshold[rows] = flat[rows].kthvalue(flat.shape[1] - value + 1, dim=1).values
+                rows = torch.tensor([i for i, v in enumerate(wanted) if v == value], device=flat.device)
+                threshold[rows] = _kth_largest(flat[rows], value)
         keep = flat >= threshold[:, None]
         excess = keep.sum(dim=1) - torch.tensor(wanted, device=flat.device)
         for i in (excess > 0).nonzero().flatten().tolist():
@@ -723,6 +724,16 @@ def batch_topk(hidden_pre: torch.Tensor, k: float | Sequence[float], exact_ties:
                 at = (flat[i] == threshold[i]).nonzero().flatten()
                 keep[i, at[len(at) - int(excess[i]):]] = False
     return torch.where(keep, flat, 0.0).view_as(acts)
+
+
+def _kth_largest(flat: torch.Tensor, k: int, by_topk: bool | None = None) -> torch.Tensor:
+    """Each row's ``k``-th largest value. On the CPU ``kthvalue`` (faster there than ``topk``); on
+    a GPU, where ``kthvalue`` gives each row one thread block (a BatchTopK batch of 4,096 x 8,192
+    is one row: 230 ms a step on an H200), the smallest of the row's top ``k``, the same value
+    (``by_topk``: None chooses by device)."""
+    if not (flat.device.type != "cpu" if by_topk is None else by_topk):
+        return flat.kthvalue(flat.shape[1] - k + 1, dim=1).values
+    return flat.topk(k, dim=1, sorted=False).values.amin(dim=1)
 
 
 def _train_stacked(jobs: Sequence[Job], settings: TrainSettings, label: str | None) -> list[TrainingSAE[Any]]:
@@ -963,11 +974,13 @@ class ClosedFormStep:
         self.flat.addcdiv_(exp_avg, denom, value=(settings.lr / (1 - beta1 ** t)) * -1)
 
 
-STACK_BYTES = 16 * 2**20
-"""A stack holds at most as many SAEs as keep one [SAEs, batch, max(d_in, d_sae)] float32 tensor
-within this size (at least one). Past it the per-level tensors of a step leave the CPU's caches
-and a step costs more per SAE: on 2 cores, 26 matryoshka BatchTopK SAEs (640 -> 512, batches of
-1,024) take about 95 ms per SAE and step in one stack, 52 ms in stacks of 6. Toy stacks fit whole."""
+STACK_BYTES = {"cpu": 16 * 2**20, "cuda": 4 * 2**30}
+"""By device type: a stack holds at most as many SAEs as keep one [SAEs, batch, max(d_in, d_sae)]
+float32 tensor within this size (at least one). On the CPU, past 16 MiB the per-level tensors of
+a step leave the caches and a step costs more per SAE: on 2 cores, 26 matryoshka BatchTopK SAEs
+(640 -> 512, batches of 1,024) take about 95 ms per SAE and step in one stack, 52 ms in stacks
+of 6. Toy stacks fit whole. A GPU has no such cliff, only its memory (several such tensors a
+step): the paper's LLM SAEs (4,096 x 8,192, 128 MiB each) stack by the dozen."""
 
 
 def _stack_chunks(names: Sequence[Any], jobs: Mapping[Any, Job], settings: TrainSettings) -> list[list[Any]]:
@@ -975,10 +988,11 @@ def _stack_chunks(names: Sequence[Any], jobs: Mapping[Any, Job], settings: Train
     (SAEs of different widths are padded to the widest of their stack, so a stack of similar
     widths wastes least), each stack as large as the budget allows for its widest SAE."""
     d_in = jobs[names[0]].sae.cfg.d_in
+    budget = STACK_BYTES.get(training_device().type, STACK_BYTES["cpu"])
     chunks: list[list[Any]] = []
     for name in sorted(names, key=lambda n: jobs[n].sae.cfg.d_sae):
         width = max(d_in, jobs[name].sae.cfg.d_sae)
-        if chunks and (len(chunks[-1]) + 1) * settings.batch_size * width * 4 <= STACK_BYTES:
+        if chunks and (len(chunks[-1]) + 1) * settings.batch_size * width * 4 <= budget:
             chunks[-1].append(name)
         else:
             chunks.append([name])

@@ -271,11 +271,36 @@ def test_a_sweep_too_big_for_one_stack_is_cut_into_stacks_that_train_the_same(mo
     jobs = {i: in_float64(toy_job(toy, width, batch_size=200, seed=i, **common, **v)) for i, v in enumerate(variants)}
     settings = TrainSettings(steps=30, batch_size=200, dead_feature_window=5)
     whole = train_together(jobs, settings, progress=False)
-    monkeypatch.setattr(training, "STACK_BYTES", 200 * 24 * 4 * 2)  # two SAEs of [200, max(24, 16)] per stack
+    monkeypatch.setitem(training.STACK_BYTES, "cpu", 200 * 24 * 4 * 2)  # two SAEs of [200, max(24, 16)] per stack
     assert [len(c) for c in training._stack_chunks(list(jobs), jobs, settings)] == [2, 1]
     cut = train_together(jobs, settings, progress=False)
     for i in jobs:
         assert _max_difference(whole[i], cut[i]) < EXACT
+
+
+def test_a_gpu_stacks_llm_saes_that_the_cpu_cuts_into_stacks(monkeypatch):
+    """The stack budget follows the device: the paper's LLM SAEs (d_in 2,304, width 8,192, batches
+    of 4,096) train one per stack on the CPU and all together on a GPU."""
+    from hedging_utils import training
+    jobs = {i: Job(make_sae(2304, 8192, "batchtopk", k=25), lambda start: iter(()), {}) for i in range(8)}
+    settings = TrainSettings(steps=1, batch_size=4096)
+    sizes = {}
+    for device in ("cpu", "cuda"):
+        monkeypatch.setenv(training.DEVICE_ENV, device)
+        sizes[device] = [len(c) for c in training._stack_chunks(list(jobs), jobs, settings)]
+    assert sizes == {"cpu": [1] * 8, "cuda": [8]}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_gpus_threshold_by_topk_is_the_cpus_kthvalue(ties):
+    """``batch_topk``'s threshold on a GPU (the smallest of the top k) equals the CPU's (kthvalue)."""
+    from hedging_utils.training import _kth_largest
+    flat = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1)).relu()
+    if ties:
+        flat = flat.to(torch.bfloat16).float()  # bfloat16's 8 bits: many ties at any threshold
+    for k in (1, 77, 2500, 5000):
+        assert torch.equal(_kth_largest(flat, k, by_topk=True), _kth_largest(flat, k, by_topk=False))
+    assert not torch.equal(_kth_largest(flat, 77, by_topk=True), _kth_largest(flat, 78, by_topk=False))
 
 
 def test_batch_topk_keeps_exactly_k_per_input_when_activations_tie():
