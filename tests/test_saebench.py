@@ -418,9 +418,10 @@ def test_tpp_matches_saebench_run_eval_single_dataset(model, shared_cache, tmp_p
     sae = _planted_tpp_sae(saebench.tpp_data(model, LAYER, SETTINGS, progress=False))
     config = saebench.tpp_config(SETTINGS, sae.cfg.d_sae)
     args = (name, config, sae, model, LAYER, saebench.hook_name(LAYER), "cpu", str(tmp_path))
-    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+    precision = saebench.model_precision(model)  # SAEBench's forward passes in the precision ours ran in
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed), saebench.forward_precision(model, precision):
         scr_main.run_eval_single_dataset(*args)
-    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed):
+    with saebench._quiet(), saebench.python_seeded(SETTINGS.seed), saebench.forward_precision(model, precision):
         raw, clean = scr_main.run_eval_single_dataset(*args)
         theirs, _ = scr_main.create_tpp_plotting_dict(raw, clean)
     data = saebench.tpp_data(model, LAYER, SETTINGS, progress=False)
@@ -429,3 +430,44 @@ def test_tpp_matches_saebench_run_eval_single_dataset(model, shared_cache, tmp_p
     assert set(theirs) <= set(ours) and theirs["tpp_threshold_2_total_metric"] > 0.1  # the planted latents count
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_forward_precision_runs_only_the_models_products_in_bfloat16_and_restores_it(model):
+    """bfloat16 forward passes move the residuals a little (< 1% per token), keep them float32,
+    leave computations outside the forward float32, and the model is itself again after the
+    block, also when the block fails; float32 changes nothing."""
+    tokens = model.to_tokens(["The quick brown fox jumps over the lazy dog.", "Sixty-four apples, please."])
+    hook = saebench.hook_name(LAYER)
+
+    def residuals():
+        with torch.no_grad():
+            return model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=LAYER + 1)[1][hook]
+
+    before = residuals()
+    with saebench.forward_precision(model, "float32"):
+        assert torch.equal(residuals(), before)
+    with saebench.forward_precision(model, "bfloat16"):
+        low = residuals()
+        assert not torch.is_autocast_enabled("cpu")  # only inside the model's forward
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert low.dtype == torch.float32 and not torch.equal(low, before)
+    error = ((low - before).norm(dim=-1) / before.norm(dim=-1))[:, 1:]  # BOS aside
+    assert float(error.mean()) < 0.01
+    assert torch.equal(residuals(), before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with saebench.forward_precision(model, "bfloat16"):
+            raise RuntimeError("inside")
+    assert "forward" not in vars(model) and torch.equal(residuals(), before)
+    with pytest.raises(ParameterError, match="precision='half'"):
+        with saebench.forward_precision(model, "half"):
+            pass
+
+
+def test_the_precision_keys_every_saebench_cache(model, monkeypatch):
+    """Data and results of one precision are never read back for the other."""
+    keys = {}
+    for precision in ("float32", "bfloat16"):
+        monkeypatch.setenv("HEDGING_PRECISION", precision)
+        assert saebench.model_precision(model) == precision
+        keys[precision] = saebench.letter_probes_key(model, LAYER, SETTINGS)
+    assert keys["float32"] != keys["bfloat16"] and keys["float32"]["precision"] == "float32"
