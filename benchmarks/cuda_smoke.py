@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+from unittest import mock
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,35 +77,6 @@ def say(*parts: Any) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def env(**values: str | None):
-    """Environment variables set (None: removed) for a block."""
-    old = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def patched(obj: Any, name: str, value: Any):
-    original = obj.__dict__[name] if name in obj.__dict__ else getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, original)
 
 
 @contextlib.contextmanager
@@ -241,7 +213,7 @@ def load_test_module():
 
 def sae_lens_on(job: Job, settings: TrainSettings, device: torch.device):
     """``training.train_with_sae_lens`` (SAELens' own trainer) on ``device``."""
-    with env(HEDGING_DEVICE=str(device)):
+    with mock.patch.dict(os.environ, {"HEDGING_DEVICE": str(device)}):
         return training.train_with_sae_lens(job, settings)
 
 
@@ -301,7 +273,7 @@ def stage_equivalence(r: dict[str, Any], args: argparse.Namespace, device: torch
             jobs = {i: T.in_float64(T.toy_job(toy, width, batch_size=200, seed=i, **common, **v)) for i, v in enumerate(variants)}
             settings = TrainSettings(steps=80, batch_size=200, dead_feature_window=5)
             supports = staticmethod(lambda model: False) if path == "autograd" else ClosedFormStep.__dict__["supports"]
-            with patched(ClosedFormStep, "supports", supports), env(HEDGING_DEVICE=str(device)):
+            with mock.patch.object(ClosedFormStep, "supports", supports), mock.patch.dict(os.environ, {"HEDGING_DEVICE": str(device)}):
                 stacked = train_together(jobs, settings, progress=False)
             diffs, dec, enc, thresholds = [], [], [], []
             for i, job in jobs.items():
@@ -344,9 +316,9 @@ def stage_equivalence(r: dict[str, Any], args: argparse.Namespace, device: torch
             jobs = make()
             supports = staticmethod(lambda model: False) if path == "autograd" else ClosedFormStep.__dict__["supports"]
             runs = {}
-            with no_tf32(), patched(ClosedFormStep, "supports", supports):
+            with no_tf32(), mock.patch.object(ClosedFormStep, "supports", supports):
                 for where in ("cpu", str(device)):
-                    with env(HEDGING_DEVICE=where):
+                    with mock.patch.dict(os.environ, {"HEDGING_DEVICE": where}):
                         start = time.perf_counter()
                         runs[where] = train_together(jobs, settings, progress=False)
                         entry[f"seconds_{where}"] = round(time.perf_counter() - start, 2)
@@ -474,7 +446,7 @@ def stage_llm(r: dict[str, Any], args: argparse.Namespace, device: torch.device,
 
     out: dict[str, Any] = {}
     for precision in ("bfloat16", "float32"):
-        with env(HEDGING_DEVICE=str(device)), patched(StackedSAEs, "unstack", recording_unstack):
+        with mock.patch.dict(os.environ, {"HEDGING_DEVICE": str(device)}), mock.patch.object(StackedSAEs, "unstack", recording_unstack):
             train_together(jobs, TrainSettings(steps=3, batch_size=batch, lr=L.lr_batchtopk, precision=precision),
                            progress=False)  # warm-up: kernels, allocator
             if device.type == "cuda":
@@ -573,7 +545,7 @@ def stage_caching(r: dict[str, Any], args: argparse.Namespace, device: torch.dev
              shard_sequences=shard_sequences, device=str(device))
     sources, rates = {}, {}
     for precision in ("float32", "bfloat16", "float32"):  # float32 first once to warm up, then timed
-        with env(HEDGING_CACHE_DIR=str(folder / f"cache_{precision}_{len(rates)}")):
+        with mock.patch.dict(os.environ, {"HEDGING_CACHE_DIR": str(folder / f"cache_{precision}_{len(rates)}")}):
             start = time.perf_counter()
             out = activations.cache_activations("gemma-3-270m", [layer], str(corpus), context_size=context,
                                                 n_tokens=args.cache_tokens, shard_sequences=shard_sequences,
