@@ -111,6 +111,24 @@ def test_absorption_below_saebenchs_letter_count_reports_no_number(model, shared
     assert 0.0 <= out["first_letter_k1_f1"] <= 1.0 and out["first_letter_probe_f1"] > strict.min_probe_f1
 
 
+def test_below_the_letter_count_only_k1_probes_train_and_give_the_same_k1_f1(model, shared_cache, monkeypatch):
+    from sae_bench.evals.absorption import k_sparse_probing
+
+    probes = saebench.letter_probes(model, LAYER, SETTINGS, progress=False)
+    f1 = sorted(probes.probe_f1.values())
+    one_letter = dataclasses.replace(SETTINGS, min_probe_f1=(f1[-1] + f1[-2]) / 2)  # one letter passes
+    max_ks, run = [], k_sparse_probing.run_k_sparse_probing_experiment
+    monkeypatch.setattr(k_sparse_probing, "run_k_sparse_probing_experiment",
+                        lambda **kw: max_ks.append(kw["max_k_value"]) or run(**kw))
+    sae = saebench.inference_sae(_sae(seed=3))
+    cut = saebench.absorption_metrics(sae, model, LAYER, dataclasses.replace(one_letter, min_letters=2), probes)
+    full = saebench.absorption_metrics(sae, model, LAYER, dataclasses.replace(one_letter, min_letters=1), probes)
+    assert max_ks == [1, SETTINGS.max_k_value] and SETTINGS.max_k_value > 1
+    assert cut["absorption_letters"] == full["absorption_letters"] == 1
+    assert cut["first_letter_k1_f1"] == full["first_letter_k1_f1"]
+    assert cut["first_letter_probe_f1"] == full["first_letter_probe_f1"]
+
+
 def test_rescaled_latents_let_a_sparse_tag_latent_beat_a_dense_loud_one():
     from sae_bench.evals.sparse_probing import probe_training
     g = torch.Generator().manual_seed(0)
