@@ -489,3 +489,23 @@ def test_the_precision_keys_every_saebench_cache(model, monkeypatch):
         assert saebench.model_precision(model) == precision
         keys[precision] = saebench.letter_probes_key(model, LAYER, SETTINGS)
     assert keys["float32"] != keys["bfloat16"] and keys["float32"]["precision"] == "float32"
+
+
+def test_every_saebench_cache_is_keyed_by_the_code_that_made_it(model, monkeypatch):
+    """An edit to saebench.py or a module it runs changes every key; one to profiles.py (its
+    numbers are in the settings) or to a module it never runs does not."""
+    from hedging_utils import cache
+
+    before = saebench.letter_probes_key(model, LAYER, SETTINGS)
+    read = cache.Path.read_bytes
+
+    def edited(modules):
+        monkeypatch.setattr(cache.Path, "read_bytes", lambda self: read(self) + (b"#" if self.stem in modules else b""))
+        try:
+            return saebench.letter_probes_key(model, LAYER, SETTINGS)["code"]
+        finally:
+            monkeypatch.setattr(cache.Path, "read_bytes", read)
+
+    assert before["code"] == saebench.code_key()
+    assert edited({"saebench"}) != before["code"] and edited({"training"}) != before["code"]
+    assert edited({"profiles"}) == before["code"] and edited({"orthogonality"}) == before["code"]
