@@ -396,7 +396,7 @@ def _build_letter_probes(model: Any, layer: int, settings: SAEBenchScale, tmp: P
     # The absorption prompts: SAEBench's FeatureAbsorptionCalculator builds, letter by letter, an
     # ICL prompt for each test word of that letter the probe fires on; with Python's RNG seeded
     # as in absorption_metrics these are the prompts every SAE's run will ask for.
-    calculator = _absorption_calculator(model, vocab)
+    calculator = _absorption_calculator(model, _icl_tokens(model.tokenizer))
     prompts: list[str] = []
     with python_seeded(settings.seed):
         for i, letter in enumerate(LETTERS):
@@ -496,6 +496,20 @@ def _alpha_tokens(tokenizer: Any) -> list[str]:
     return sorted(get_alpha_tokens(tokenizer))
 
 
+@functools.lru_cache(maxsize=2)
+def _icl_tokens(tokenizer: Any) -> list[str]:
+    """The words SAEBench's absorption prompts draw their in-context examples from:
+    ``_alpha_tokens`` less the few the tokenizer does not read back as one token (Gemma 3's
+    vocabulary has three: ' YYYY', ' yyyy', ' diffformul'). SAEBench's
+    ``FeatureAbsorptionCalculator`` needs all prompts of a letter to be the same number of tokens
+    ("Variable-length prompts are not yet supported") and stops otherwise; a prompt that drew one
+    of these words was one or two tokens longer, so that absorption could not run on a vocabulary
+    subsample with 20 letters or more. The letter probes' words are not affected."""
+    words = _alpha_tokens(tokenizer)
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    return [word for word, i in zip(words, ids) if len(i) == 1]
+
+
 def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBenchScale, probes: LetterProbes) -> dict[str, Any]:
     """SAEBench's absorption evaluation of an inference SAE (see ``inference_sae``), under
     SAEBench's names, averaged as its ``main.py`` does over the letters whose residual probe has
@@ -534,7 +548,7 @@ def absorption_metrics(sae: SAE[Any], model: Any, layer: int, settings: SAEBench
     names = ["mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features",
              "std_dev_absorption_fraction_score", "std_dev_full_absorption_score", "std_dev_num_split_features"]
     original_alpha = fa.get_alpha_tokens
-    fa.get_alpha_tokens = _alpha_tokens  # the same list; computed once per tokenizer instead of per SAE
+    fa.get_alpha_tokens = _icl_tokens  # its ICL examples' words (one token each); computed once per tokenizer, not per SAE
     try:
         with tempfile.TemporaryDirectory() as tmp, _quiet(), torch.enable_grad():  # its probes train by gradient
             with python_seeded(settings.seed):

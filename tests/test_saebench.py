@@ -509,3 +509,23 @@ def test_every_saebench_cache_is_keyed_by_the_code_that_made_it(model, monkeypat
     assert before["code"] == saebench.code_key()
     assert edited({"saebench"}) != before["code"] and edited({"training"}) != before["code"]
     assert edited({"profiles"}) == before["code"] and edited({"orthogonality"}) == before["code"]
+
+
+def test_absorption_prompts_draw_their_examples_from_one_token_words(model):
+    """SAEBench's absorption calculator stops when a letter's prompts differ in length: its
+    in-context examples come from the alphabetic tokens that read back as one token."""
+    from sae_bench.evals.absorption.prompting import create_icl_prompt, first_letter_formatter
+
+    alpha, icl = saebench._alpha_tokens(model.tokenizer), saebench._icl_tokens(model.tokenizer)
+    dropped = sorted(set(alpha) - set(icl))
+    assert set(icl) <= set(alpha) and 0 < len(dropped) < 10
+    ids = model.tokenizer(icl + dropped, add_special_tokens=False)["input_ids"]
+    assert all(len(i) == 1 for i in ids[:len(icl)]) and all(len(i) > 1 for i in ids[len(icl):])
+
+    def length(example):
+        prompt = create_icl_prompt(word=icl[0], examples=[example], answer_formatter=first_letter_formatter(),
+                                   base_template=saebench.PROMPT_TEMPLATE, max_icl_examples=1,
+                                   prepend_separator_to_first_example=True)
+        return len(model.to_tokens(prompt.base)[0])
+
+    assert length(dropped[0]) > length(icl[1]) == length(icl[2])
