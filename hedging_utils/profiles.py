@@ -177,11 +177,12 @@ PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse
                                min_probe_f1=0.6, min_letters=20, model_batch_size=64, pos_sentences=50_000,
                                pos_examples_per_tag=5_000, tpp_train=1_500, tpp_test=500, tpp_context_length=128)
 # A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores. With
-# 3,000 tokens 18-19 letters passed the residual probe's F1 > 0.6 (measured on Gemma 3 270M layer
-# 9), fewer than the 20 SAEBench asks before it reports absorption, so absorption is reported
-# absent, as SAEBench's run_eval would. With 6,000, 21 letters passed, but some of the absorption
-# prompts then tokenise to different lengths, which SAEBench's FeatureAbsorptionCalculator refuses
-# ("Variable-length prompts are not yet supported"): SAEBench itself cannot run there.
+# 3,000 tokens 18-19 letters passed the residual probe's F1 > 0.6 in float32 and 15 with bfloat16
+# forward passes (measured on Gemma 3 270M layer 9), fewer than the 20 SAEBench asks before it reports absorption, so absorption is reported
+# absent, as SAEBench's run_eval would. With 6,000, 22 letters pass (bfloat16 forward passes) and
+# SAEBench's absorption runs (its prompts' examples are one-token words, saebench._icl_tokens),
+# but one evaluation took 261 s (prompts not yet cached, another job on the machine): too long for
+# notebook 06's 28 SAEs within the hour.
 # k-sparse probing on six of sae-probes' 113 tasks (news topic, sentiment, code language, two
 # Wikidata tasks, spam), 256 + 128 prompts each and their last 128 tokens: all 113 at sae-probes'
 # sizes are about 300,000 prompts of up to 1,024 tokens, days of model time on 2 cores.
