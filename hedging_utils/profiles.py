@@ -178,8 +178,8 @@ PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse
                                pos_examples_per_tag=5_000, tpp_train=1_500, tpp_test=500, tpp_context_length=128)
 # A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores. With
 # 3,000 tokens 18-19 letters passed the residual probe's F1 > 0.6 in float32 and 15 with bfloat16
-# forward passes (measured on Gemma 3 270M layer 9), fewer than the 20 SAEBench asks before it reports absorption, so absorption is reported
-# absent, as SAEBench's run_eval would. With 6,000, 22 letters pass (bfloat16 forward passes) and
+# forward passes (measured on Gemma 3 270M layer 9), fewer than the 20 SAEBench asks before it
+# reports absorption, so absorption is reported absent, as SAEBench's run_eval would. With 6,000, 22 letters pass (bfloat16 forward passes) and
 # SAEBench's absorption runs (its prompts' examples are one-token words, saebench._icl_tokens),
 # but one evaluation took 261 s (prompts not yet cached, another job on the machine): too long for
 # notebook 06's 28 SAEs within the hour.
