@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from hedging_utils.profiles import ParameterError
-from hedging_utils.training import TrainSettings
+from hedging_utils.training import TrainSettings, seeded
 from hedging_utils.toys import (
     STREAM_CHUNK_BATCHES,
-    ConditionalFiring, Hierarchy, ToySetting, conditional_pair, correlated_pair, exclusive_children_base_probability,
-    random_correlation_matrix, toy_job, train_toy_saes,
+    ConditionalFiring, CopulaGenerator, Hierarchy, ToySetting, conditional_pair, correlated_firing, correlated_pair,
+    exclusive_children_base_probability, lower_triangular_mv, random_correlation_matrix, toy_job, train_toy_saes,
 )
 
 N = 400_000
@@ -146,3 +146,66 @@ def test_toy_training_is_the_authors_optimiser():
     from hedging_utils.toys import toy_training
     assert toy_training(24_415, 500).to_dict() == {"steps": 24_415, "batch_size": 500, "lr": 3e-4, "adam_betas": [0.0, 0.999],
                                                    "dead_feature_window": 1000, "grad_clip": 1.0, "precision": "float32"}
+
+
+def _copula_toy(n: int = 50, seed: int = 42) -> ToySetting:
+    correlation = random_correlation_matrix(n, independent=n // 5, seed=seed)
+    return ToySetting(np.linspace(0.3, 0.05, n).tolist(), correlation_matrix=correlation.tolist(), magnitude_std=0.15,
+                      d_model=2 * n, feature_seed=seed)
+
+
+def test_lower_triangular_mv_sums_each_entry_in_order_without_fused_products():
+    torch.manual_seed(0)
+    tril = torch.linalg.cholesky(torch.tensor(random_correlation_matrix(30, seed=1), dtype=torch.float32))
+    vectors = torch.randn(5000, 30)
+    expected = torch.zeros(5000, 30)
+    for j in range(30):  # the definition: one rounded product added at a time, j in order
+        expected = expected + vectors[:, j:j + 1] * tril[:, j]
+    for rows in (64, 5000, 16_384):
+        assert torch.equal(lower_triangular_mv(tril, vectors, rows=rows), expected)
+    exact = (vectors.double() @ tril.double().T).float()
+    assert torch.allclose(lower_triangular_mv(tril, vectors), exact, rtol=0, atol=1e-5)
+    # a check that can fail: the transposed factor (the upper triangle) is a different product
+    assert not torch.allclose(lower_triangular_mv(tril.T.contiguous().tril(), vectors), exact, atol=1e-3)
+
+
+def test_copula_draws_are_saelens_own_for_the_same_seed():
+    """``correlated_firing`` against SAELens' ``_generate_correlated_features`` (torch's
+    MultivariateNormal): the same random draws, so the same firing pattern. On the machines here
+    they agree bit for bit; elsewhere a matrix product that fuses its multiply-adds could differ in
+    the last bit, so an entry within 1e-5 of its threshold may fire in one and not the other."""
+    from sae_lens.synthetic import activation_generator
+
+    generator = _copula_toy().generator
+    corr = generator.correlation_matrix
+    thresholds = generator.correlation_thresholds
+    with seeded(7):
+        theirs = activation_generator._generate_correlated_features(20_000, corr, thresholds, torch.device("cpu"))
+    with seeded(7):
+        ours = correlated_firing(20_000, corr, thresholds, torch.device("cpu"))
+    fired = {tuple(x) for x in torch.stack(theirs, 1).tolist()}
+    mine = {tuple(x) for x in torch.stack(ours, 1).tolist()}
+    assert len(fired) > 50_000
+    assert len(fired ^ mine) <= 2
+    # and the copula is the toy's: the generator's samples fire with its probabilities
+    with seeded(3):
+        acts = generator.sample(40_000)
+    assert np.allclose((acts > 0).float().mean(0).numpy(), np.linspace(0.3, 0.05, 50), atol=0.01)
+
+
+def test_toy_batches_are_those_of_saelens_generator():
+    """Whole toy batches through ``CopulaGenerator`` against SAELens' own ``ActivationGenerator``
+    built with the same settings, on the same seed."""
+    from sae_lens.synthetic import ActivationGenerator
+
+    toy = _copula_toy(20, seed=3)
+    ours = toy.generator
+    assert isinstance(ours, CopulaGenerator)
+    theirs = ActivationGenerator(toy.num_features, torch.tensor(toy.firing_probabilities), std_firing_magnitudes=0.15,
+                                 correlation_matrix=torch.tensor(toy.correlation_matrix, dtype=torch.float32))
+    with seeded(11):
+        a = theirs.sample(8192)
+    with seeded(11):
+        b = ours.sample(8192)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert (a > 0).ne(b > 0).sum() <= 2
