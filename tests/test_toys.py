@@ -209,3 +209,38 @@ def test_toy_batches_are_those_of_saelens_generator():
         b = ours.sample(8192)
     assert torch.allclose(a, b, atol=1e-6)
     assert (a > 0).ne(b > 0).sum() <= 2
+
+
+def test_a_stream_reads_back_the_chunks_it_drew_as_they_were_drawn(monkeypatch):
+    """The memo of drawn chunks (``STREAM_MEMO_BYTES``): a second read of a stream's batches (as
+    each group of the growing SAE rereads the stream's tail) gives the very tensors a fresh
+    stream draws, without drawing them; the memo stays within its size, dropping the least
+    recently used chunks, and a stream's chunks go when the stream does."""
+    import gc
+
+    from hedging_utils import toys
+
+    toy = _copula_toy(20, seed=5)
+    stream = toy.stream(64, seed=2)
+    first = [batch.clone() for batch, _ in zip(stream(10), range(3 * STREAM_CHUNK_BATCHES))]
+    draws = []
+    original = CopulaGenerator.sample
+    monkeypatch.setattr(CopulaGenerator, "sample", lambda self, n: draws.append(n) or original(self, n))
+    again = [batch for batch, _ in zip(stream(10), range(3 * STREAM_CHUNK_BATCHES))]
+    assert draws == [] and all(torch.equal(a, b) for a, b in zip(first, again))
+    fresh = [batch for batch, _ in zip(toy.stream(64, seed=2)(10), range(3 * STREAM_CHUNK_BATCHES))]
+    assert len(draws) == 4 and all(torch.equal(a, b) for a, b in zip(first, fresh))  # chunks 0-3 of a new stream
+    # a bounded memo: room for about two chunks keeps the latest two
+    monkeypatch.setattr(toys, "STREAM_MEMO_BYTES", 2 * max(b.nbytes + v.nbytes for b, v, _ in toys._memo.values()) + 1)
+    small = toy.stream(64, seed=3)
+    for _ in zip(small(0), range(5 * STREAM_CHUNK_BATCHES)):
+        pass
+    assert toys._memo_bytes <= toys.STREAM_MEMO_BYTES and len(toys._memo) == 2
+    (small_id,) = {key[0] for key in toys._memo}
+    draws.clear()
+    assert torch.equal(next(small(4 * STREAM_CHUNK_BATCHES)), next(toy.stream(64, seed=3)(4 * STREAM_CHUNK_BATCHES)))
+    assert len(draws) == 1  # chunk 4 was kept, the fresh stream drew it
+    del small
+    gc.collect()
+    assert all(key[0] != small_id for key in toys._memo)  # the stream is gone, and its chunks
+    assert toys._memo_bytes == sum(b.nbytes + v.nbytes for b, v, _ in toys._memo.values())
