@@ -3,8 +3,9 @@
 ``python -m hedging_utils.regenerate --profile small [-p NAME VALUE ...] [01 02 ...]`` executes
 the notebooks (all, or those whose names start with the given prefixes) under a profile, with
 notebook parameters given as ``-p NAME VALUE`` (checked against every notebook to run before any
-starts). The toy notebooks run side by side, one torch thread each, then the others one at a
-time with every core (``parallel_notebooks``). On the default profile the executed notebooks are
+starts). The toy notebooks run side by side, one torch thread each (the offline model converted
+beside them when an LLM notebook follows), then the others one at a time with every core
+(``parallel_notebooks``). On the default profile the executed notebooks are
 published, normalised, to ``notebooks/executed/`` (``hedging_utils.reading``).
 
 No notebook imports this module, so a change to how notebooks are run leaves every figure's
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +82,36 @@ def parallel_notebooks(todo: Sequence[Path]) -> list[Path]:
     return sorted(toys, key=lambda nb: rank.get(nb.name[:2], len(rank)))
 
 
+LLM_NOTEBOOKS = ("04", "05", "06")
+"""The notebooks that load the profile's language model."""
+
+
+def needs_offline_model(profile: Any, todo: Sequence[Path]) -> bool:
+    """Whether ``todo`` runs an LLM notebook (``LLM_NOTEBOOKS``) on a profile whose models include
+    the offline one (converted from its GGUF file on first use)."""
+    from hedging_utils.activations import MODELS
+
+    return (any(nb.name.startswith(LLM_NOTEBOOKS) for nb in todo)
+            and any(MODELS[m.name].offline for m in profile.llm.models if m.name in MODELS))
+
+
+def prepare_offline_model(log: Path) -> float:
+    """Convert the offline model's GGUF file into the cache (``activations.offline_model_dir``), in
+    a process of its own that inherits the environment (one torch thread in the toy phase), its
+    output appended to ``log``; returns the seconds it took. Notebook 04 would otherwise convert
+    it on its first cell, single-threaded, for about 50 s while the second core waits; run beside
+    the toy notebooks it fills the lane that ends first. A failure is only reported: the notebook
+    converts the model itself and stops there with the error in context."""
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-c", "from hedging_utils.activations import offline_model_dir; "
+                               "offline_model_dir()"], stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+    if done.returncode:
+        print(f"converting the offline model beside the toy notebooks failed (exit {done.returncode}, see {log}); "
+              "notebook 04 will convert it itself", flush=True)
+    return time.perf_counter() - start
+
+
 def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
                   out_dir: str | os.PathLike | None = None, workers: int | None = None) -> None:
     """Execute the notebooks with papermill under ``profile``.
@@ -88,7 +120,9 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
     for the notebooks' parameters cells, checked against every notebook to run before any of
     them starts (``check_parameters``). The toy notebooks (``parallel_notebooks``) run first,
     ``workers`` at a time (default: the machine's cores), each with ``PARALLEL_THREADS`` torch
-    thread; then the others in order, one at a time with every core. Executed copies and
+    thread, and beside them, last, the offline model's conversion when an LLM notebook will need
+    it (``prepare_offline_model``); then the others in order, one at a time with every core.
+    Executed copies and
     ``timings.json`` (each notebook's wall time and torch threads) go to ``out_dir`` (default
     ``build/notebooks/<profile>/``, kept out of git)."""
     import papermill as pm
@@ -109,6 +143,8 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
     log.write_text("")
     published = figures_dir(resolved) == REPO_ROOT / "figures"
     timings: dict[str, dict[str, Any]] = {}
+    prepared: dict[str, Any] = {}
+    prepare = needs_offline_model(resolved, todo)
     parallel = parallel_notebooks(todo)
     phases = [(parallel, workers, PARALLEL_THREADS), ([nb for nb in todo if nb not in parallel], 1, None)]
 
@@ -140,11 +176,17 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
                         execute(nb, threads)
                 else:
                     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                        for future in [pool.submit(execute, nb, threads) for nb in batch]:
+                        futures = [pool.submit(execute, nb, threads) for nb in batch]
+                        model = pool.submit(prepare_offline_model, log) if prepare else None
+                        for future in futures:
                             future.result()
+                        if model is not None:
+                            prepared = {"seconds": round(model.result(), 1), "threads": threads}
     finally:
         stop_echo()
     ordered = {nb.name: timings[nb.name] for nb in todo if nb.name in timings}
+    if prepared:
+        ordered["offline model (beside the toy notebooks)"] = prepared
     (out / "timings.json").write_text(json.dumps(ordered, indent=1) + "\n")
     print(f"figures in {figures_dir(resolved)}; executed notebooks in {out}" + (f" and {EXECUTED_DIR}" if published else ""))
 

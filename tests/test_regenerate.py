@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hedging_utils.profiles import ParameterError
+from hedging_utils import regenerate
+from hedging_utils.profiles import ParameterError, resolve_profile
 from hedging_utils.regenerate import main, notebooks, parallel_notebooks, parse_parameters, run_notebooks
 
 
@@ -19,19 +20,33 @@ def executed(monkeypatch):
     calls = []
     monkeypatch.setattr(pm, "execute_notebook", lambda source, target, parameters, **kw: calls.append(
         (Path(source).name, parameters, kw["cwd"])))
+    monkeypatch.setattr(regenerate, "prepare_offline_model", lambda log: calls.append(
+        ("offline model", {"threads": os.environ.get("OMP_NUM_THREADS")}, None)) or 1.0)
     return calls
+
+
+def test_the_offline_model_is_converted_beside_the_toy_notebooks_when_an_llm_notebook_follows(tmp_path, executed):
+    run_notebooks("ci", ["01", "02", "04"], out_dir=tmp_path)
+    names = [name for name, _, _ in executed]
+    assert names.index("offline model") < names.index("04_growing_and_hedging_degree.ipynb")
+    assert {name: params for name, params, _ in executed}["offline model"] == {"threads": "1"}  # toy phase, one thread
+    assert "offline model (beside the toy notebooks)" in json.loads((tmp_path / "timings.json").read_text())
+    executed.clear()
+    run_notebooks("ci", ["01", "02"], out_dir=tmp_path)  # no LLM notebook: nothing to convert
+    assert "offline model" not in [name for name, _, _ in executed]
+    assert not regenerate.needs_offline_model(resolve_profile("paper"), notebooks())  # hub models only
 
 
 def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters(tmp_path, executed):
     run_notebooks("ci", ["04", "01"], {"seed": 3}, out_dir=tmp_path)
     assert [(name, params) for name, params, _ in executed] == [
         ("01_toy_models.ipynb", {"seed": 3, "profile": "ci"}),
-        ("04_growing_and_hedging_degree.ipynb", {"seed": 3, "profile": "ci"})]
+        ("04_growing_and_hedging_degree.ipynb", {"seed": 3, "profile": "ci"})]  # one toy notebook: no pool
     assert all(Path(cwd).name == "notebooks" for _, _, cwd in executed)  # run where the notebooks live
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"01_toy_models.ipynb", "04_growing_and_hedging_degree.ipynb"}
     executed.clear()
     run_notebooks("ci", out_dir=tmp_path)
-    names = [name for name, _, _ in executed]
+    names = [name for name, _, _ in executed if name != "offline model"]
     toys = [nb.name for nb in parallel_notebooks(notebooks())]
     assert sorted(names) == [nb.name for nb in notebooks()] and len(names) >= 8
     # the toy notebooks first (side by side, so in any order), then the LLM notebooks in order
@@ -63,11 +78,13 @@ def test_toy_notebooks_run_side_by_side_with_one_thread_and_the_others_alone_wit
             barrier.wait()  # raises BrokenBarrierError if the two never run at the same time
 
     monkeypatch.setattr(pm, "execute_notebook", execute)
+    monkeypatch.setattr(regenerate, "prepare_offline_model", lambda log: 1.0)
     run_notebooks("ci", ["01", "02", "04"], out_dir=tmp_path, workers=2)
     assert seen == {"01_toy_models.ipynb": "1", "02_snap_loss.ipynb": "1", "04_growing_and_hedging_degree.ipynb": "7"}
     assert os.environ["OMP_NUM_THREADS"] == "7"
     timings = json.loads((tmp_path / "timings.json").read_text())
-    assert list(timings) == ["01_toy_models.ipynb", "02_snap_loss.ipynb", "04_growing_and_hedging_degree.ipynb"]
+    assert list(timings) == ["01_toy_models.ipynb", "02_snap_loss.ipynb", "04_growing_and_hedging_degree.ipynb",
+                             "offline model (beside the toy notebooks)"]
     assert timings["01_toy_models.ipynb"]["threads"] == 1
     with pytest.raises(ParameterError, match="workers"):
         run_notebooks("ci", ["01"], out_dir=tmp_path, workers=0)
@@ -141,3 +158,15 @@ def test_the_default_profile_publishes_its_executed_notebooks_and_ci_does_not(tm
     run_notebooks("small", ["01", "02"], out_dir=tmp_path)
     assert sorted(published) == [("01_toy_models.ipynb", reading.EXECUTED_DIR / "01_toy_models.ipynb"),
                          ("02_snap_loss.ipynb", reading.EXECUTED_DIR / "02_snap_loss.ipynb")]
+
+
+def test_preparing_the_offline_model_converts_it_into_the_cache(tmp_path):
+    """The real thing, in its own process: afterwards the converted model is in the cache (the
+    tests share one model cache, so this usually finds it there)."""
+    from hedging_utils.activations import offline_model_dir
+
+    log = tmp_path / "progress.log"
+    log.write_text("")
+    assert regenerate.prepare_offline_model(log) > 0
+    assert (offline_model_dir() / "complete.json").exists()
+    assert "failed" not in log.read_text()
