@@ -112,6 +112,24 @@ def prepare_offline_model(log: Path) -> float:
     return time.perf_counter() - start
 
 
+def llm_precision_line(todo: Sequence[Path]) -> str | None:
+    """One line, for the start of a run that has an LLM notebook (``LLM_NOTEBOOKS``): the
+    precision its matrix products will take here (``llm.llm_precision``) and, where that is
+    float32 because the hardware has no bfloat16 units, what follows for its numbers and time."""
+    if not any(nb.name.startswith(LLM_NOTEBOOKS) for nb in todo):
+        return None
+    from hedging_utils.llm import llm_precision
+    from hedging_utils.precision import fast_bf16
+    from hedging_utils.training import training_device
+
+    device = training_device()
+    line = f"LLM notebooks: matrix products in {llm_precision()} ({device.type})"
+    if llm_precision() == "float32" and not fast_bf16(device):
+        line += (": this CPU has no bfloat16 units. The committed figures were made with bfloat16 products: expect "
+                 "their LLM numbers to differ by rounding, and a longer run (README: 'On a CPU without bfloat16 units').")
+    return line
+
+
 def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
                   out_dir: str | os.PathLike | None = None, workers: int | None = None) -> None:
     """Execute the notebooks with papermill under ``profile``.
@@ -166,6 +184,8 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
         say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s")
 
     # the kernels inherit the environment: the progress log (bars there, one line in the notebook) and the threads
+    if (line := llm_precision_line(todo)) is not None:
+        say(line)
     stop_echo = echo(log)
     try:
         for batch, n_workers, threads in phases:

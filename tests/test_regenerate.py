@@ -37,6 +37,25 @@ def test_the_offline_model_is_converted_beside_the_toy_notebooks_when_an_llm_not
     assert not regenerate.needs_offline_model(resolve_profile("paper"), notebooks())  # hub models only
 
 
+@pytest.mark.parametrize("units, forced, expected", [
+    (True, None, "bfloat16"), (False, None, "float32"), (False, "bfloat16", "bfloat16"), (True, "float32", "float32")])
+def test_a_run_with_an_llm_notebook_says_its_precision_and_warns_where_bfloat16_units_are_missing(
+        tmp_path, executed, capsys, monkeypatch, units, forced, expected):
+    from hedging_utils import precision
+    monkeypatch.setenv("HEDGING_DEVICE", "cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    if forced:
+        monkeypatch.setenv(precision.PRECISION_ENV, forced)
+    else:
+        monkeypatch.delenv(precision.PRECISION_ENV, raising=False)
+    run_notebooks("ci", ["04"], out_dir=tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LLM notebooks:")]
+    assert len(lines) == 1 and f"matrix products in {expected} (cpu)" in lines[0]
+    assert ("no bfloat16 units" in lines[0]) == (not units and expected == "float32")  # chosen by the flags, not forced
+    run_notebooks("ci", ["01"], out_dir=tmp_path)  # no LLM notebook: no line
+    assert "LLM notebooks:" not in capsys.readouterr().out
+
+
 def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters(tmp_path, executed):
     run_notebooks("ci", ["04", "01"], {"seed": 3}, out_dir=tmp_path)
     assert [(name, params) for name, params, _ in executed] == [
