@@ -86,13 +86,16 @@ LLM_NOTEBOOKS = ("04", "05", "06")
 """The notebooks that load the profile's language model."""
 
 
+def runs_llm_notebook(todo: Sequence[Path]) -> bool:
+    return any(nb.name.startswith(LLM_NOTEBOOKS) for nb in todo)
+
+
 def needs_offline_model(profile: Any, todo: Sequence[Path]) -> bool:
     """Whether ``todo`` runs an LLM notebook (``LLM_NOTEBOOKS``) on a profile whose models include
     the offline one (converted from its GGUF file on first use)."""
     from hedging_utils.activations import MODELS
 
-    return (any(nb.name.startswith(LLM_NOTEBOOKS) for nb in todo)
-            and any(MODELS[m.name].offline for m in profile.llm.models if m.name in MODELS))
+    return runs_llm_notebook(todo) and any(MODELS[m.name].offline for m in profile.llm.models if m.name in MODELS)
 
 
 def prepare_offline_model(log: Path) -> float:
@@ -112,22 +115,37 @@ def prepare_offline_model(log: Path) -> float:
     return time.perf_counter() - start
 
 
-def llm_precision_line(todo: Sequence[Path]) -> str | None:
+def recorded_precisions(figures: Path) -> set[str]:
+    """The precisions the LLM figures in ``figures`` record (their data's ``settings.precision``)."""
+    manifest = figures / "manifest.json"
+    entries = json.loads(manifest.read_text()).values() if manifest.exists() else []
+    found = set()
+    for entry in entries:
+        meta = figures / entry["meta"]
+        if entry["notebook"].startswith(LLM_NOTEBOOKS) and meta.exists():
+            found.add(json.loads(meta.read_text()).get("settings", {}).get("precision"))
+    return found - {None}
+
+
+def llm_precision_line(todo: Sequence[Path], figures: Path) -> str | None:
     """One line, for the start of a run that has an LLM notebook (``LLM_NOTEBOOKS``): the
-    precision its matrix products will take here (``llm.llm_precision``) and, where that is
-    float32 because the hardware has no bfloat16 units, what follows for its numbers and time."""
-    if not any(nb.name.startswith(LLM_NOTEBOOKS) for nb in todo):
+    precision its matrix products will take here (``llm.llm_precision``); where the LLM figures
+    already in ``figures`` record another, that their numbers will differ by rounding; and where
+    it is float32 because the device has no fast bfloat16 products, that the run takes longer."""
+    if not runs_llm_notebook(todo):
         return None
     from hedging_utils.llm import llm_precision
     from hedging_utils.precision import fast_bf16
     from hedging_utils.training import training_device
 
-    device = training_device()
-    line = f"LLM notebooks: matrix products in {llm_precision()} ({device.type})"
-    if llm_precision() == "float32" and not fast_bf16(device):
-        line += (": this CPU has no bfloat16 units. The committed figures were made with bfloat16 products: expect "
-                 "their LLM numbers to differ by rounding, and a longer run (README: 'On a CPU without bfloat16 units').")
-    return line
+    device, precision = training_device(), llm_precision()
+    line = f"LLM notebooks: matrix products in {precision} ({device.type})"
+    if precision == "float32" and not fast_bf16(device):
+        line += f"; no bfloat16 units on this {device.type}, so the run takes longer (README: 'On a CPU without bfloat16 units')"
+    if others := recorded_precisions(figures) - {precision}:
+        line += (f"; the LLM figures in {figures} were made with {' and '.join(sorted(others))} products: "
+                 "expect their numbers to differ by rounding")
+    return line + "."
 
 
 def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[str, Any] | None = None,
@@ -184,7 +202,7 @@ def run_notebooks(profile: str, only: Sequence[str] = (), parameters: Mapping[st
         say(f"[{todo.index(nb) + 1}/{len(todo)}] {nb.name} done in {timings[nb.name]['seconds']:.0f}s")
 
     # the kernels inherit the environment: the progress log (bars there, one line in the notebook) and the threads
-    if (line := llm_precision_line(todo)) is not None:
+    if (line := llm_precision_line(todo, figures_dir(resolved))) is not None:
         say(line)
     stop_echo = echo(log)
     try:

@@ -56,6 +56,27 @@ def test_a_run_with_an_llm_notebook_says_its_precision_and_warns_where_bfloat16_
     assert "LLM notebooks:" not in capsys.readouterr().out
 
 
+def test_the_precision_line_names_the_precision_the_existing_llm_figures_record(tmp_path, monkeypatch):
+    """Where the LLM figures already there were made in another precision, the line says their
+    numbers will differ; a toy figure's record, or the same precision, says nothing of it."""
+    from hedging_utils import precision
+
+    monkeypatch.setenv("HEDGING_DEVICE", "cpu")
+    monkeypatch.setenv(precision.PRECISION_ENV, "float32")
+    (tmp_path / "data").mkdir()
+    manifest = {"P7": {"meta": "data/P7.json", "notebook": "04_growing_and_hedging_degree"},
+                "P1": {"meta": "data/P1.json", "notebook": "01_toy_models"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "data" / "P1.json").write_text(json.dumps({"settings": {"precision": "float64"}}))
+    (tmp_path / "data" / "P7.json").write_text(json.dumps({"settings": {"precision": "bfloat16"}}))
+    assert regenerate.recorded_precisions(tmp_path) == {"bfloat16"}
+    assert "made with bfloat16 products" in regenerate.llm_precision_line(notebooks(), tmp_path)
+    (tmp_path / "data" / "P7.json").write_text(json.dumps({"settings": {"precision": "float32"}}))
+    assert "differ" not in regenerate.llm_precision_line(notebooks(), tmp_path)
+    assert regenerate.recorded_precisions(tmp_path / "none") == set()
+    assert regenerate.llm_precision_line([nb for nb in notebooks() if nb.name.startswith("01")], tmp_path) is None
+
+
 def test_the_runner_executes_the_chosen_notebooks_in_order_with_their_parameters(tmp_path, executed):
     run_notebooks("ci", ["04", "01"], {"seed": 3}, out_dir=tmp_path)
     assert [(name, params) for name, params, _ in executed] == [
