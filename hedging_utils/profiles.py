@@ -63,6 +63,8 @@ class LLMScale:
         case_study_arch: ``btk`` or ``l1``, the SAE of the case study (P17-P19).
         l1_warm_up_steps: linear L1 warm-up of L1 SAEs.
         widths: base widths of hedging degree vs width.
+        one_seed_from: P7(a)'s widths from this one on train on the first seed only (None: every
+            width on every seed); ``width_seeds`` gives a width's seeds.
         width: the width of every other LLM SAE (the paper's 8,192).
         n_new: N, the latents added to measure hedging degree.
         k: BatchTopK K.
@@ -114,6 +116,12 @@ class LLMScale:
     growing_l1_floor: float
     doubling_tokens: int
     seeds: int
+    one_seed_from: int | None = None
+
+    def width_seeds(self, width: int, first_seed: int = 0) -> list[int]:
+        """The seeds of P7(a)'s SAEs at ``width`` (notebook 05 reads the same SAEs)."""
+        one = self.one_seed_from is not None and width >= self.one_seed_from
+        return list(range(first_seed, first_seed + (1 if one else self.seeds)))
 
 
 @dataclass(frozen=True)
@@ -531,14 +539,14 @@ PAPER_LLM = LLMScale(
 # widths, tokens and seeds cut so that notebook 04 runs in minutes on 2 cores.
 SMALL_LLM = LLMScale(
     models=(LLMModel("gemma-3-270m", 9, 1.5),), layers=(3, 6, 9), corpus="offline", context_size=128,
-    shard_sequences=128, cached_tokens=327_680, base_tokens=983_040, continued_tokens=327_680, batch_size=1024,
+    shard_sequences=128, cached_tokens=327_680, base_tokens=1_048_576, continued_tokens=327_680, batch_size=1024,
     lr_batchtopk=1e-3, lr_l1=3e-3, continued_lr_batchtopk=1e-3, continued_lr_l1=7e-5, dead_feature_window=20,
     case_study_arch="btk", l1_warm_up_steps=160,
-    widths=(32, 64, 128, 256), width=128, n_new=16, k=25,
+    widths=(64, 128, 256, 512, 1024, 2048), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
     growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,
     growing_l1_coefficient=1.5, growing_lr=1e-3, growing_l1_floor=0.5, doubling_tokens=81_920,
-    seeds=2,
+    seeds=2, one_seed_from=1024,
 )
 
 CI_LLM = LLMScale(

@@ -172,7 +172,7 @@ def test_readme_gallery_lists_every_figure():
     assert set(MANIFEST) <= listed
 
 
-LLM_FIGURES = ["LW-growing", "P7", "X-l1-continued", "P16", "P17", "P18", "P19"]
+LLM_FIGURES = ["LW-growing", "P7", "X-p7-training", "X-l1-continued", "P16", "P17", "P18", "P19"]
 
 
 @pytest.mark.parametrize("figure_id", LLM_FIGURES)
