@@ -79,3 +79,11 @@ def test_a_profiles_record_holds_every_scales_derived_values(name):
         for attr, member in vars(type(value)).items() if hasattr(value, "to_dict") else ():
             if isinstance(member, property):
                 assert record[key][attr] == getattr(value, attr), f"{key}.{attr}"
+
+
+def test_width_seeds_gives_the_widest_one_seed_where_the_profile_says_so():
+    from hedging_utils.profiles import CI_LLM, SMALL_LLM
+    assert SMALL_LLM.width_seeds(512, 3) == [3, 4]
+    assert SMALL_LLM.width_seeds(SMALL_LLM.one_seed_from, 3) == [3]
+    assert SMALL_LLM.width_seeds(max(SMALL_LLM.widths)) == [0]
+    assert CI_LLM.one_seed_from is None and CI_LLM.width_seeds(max(CI_LLM.widths)) == list(range(CI_LLM.seeds))
