@@ -981,20 +981,34 @@ a step leave the caches and a step costs more per SAE: on 2 cores, 26 matryoshka
 of 6. Toy stacks fit whole. A GPU has no such cliff, only its memory (several such tensors a
 step): the paper's LLM SAEs (4,096 x 8,192, 128 MiB each) stack by the dozen."""
 
+STACK_PAD_FLOPS = 2e8
+"""A stack pads its SAEs to the widest, so widening a stack from width w to w' costs every SAE in
+it the products of w' - w more latents (12 x batch x d_in FLOP per latent and step: two products
+forward, two gradients each backward). ``_stack_chunks`` starts a new stack instead once that
+waste passes this many FLOP a step, about what one more stack's per-step work outside its
+products costs on 2 CPU cores (a few ms). Toy stacks (d_in 100 or less, batches of 500) never
+reach it; the LLM notebooks' mixed widths do: on an AVX2 CPU of 2 cores, BatchTopK SAEs of widths
+64, 64, 256, 256, 512, 512 (d_in 640, batches of 1,024) took 317 ms a step in one padded stack."""
+
 
 def _stack_chunks(names: Sequence[Any], jobs: Mapping[Any, Job], settings: TrainSettings) -> list[list[Any]]:
-    """``names`` (one stackable group) cut into stacks within ``STACK_BYTES``: ordered by width
-    (SAEs of different widths are padded to the widest of their stack, so a stack of similar
-    widths wastes least), each stack as large as the budget allows for its widest SAE."""
+    """``names`` (one stackable group) cut into stacks: ordered by width (SAEs of different widths
+    are padded to the widest of their stack, so a stack of similar widths wastes least), each stack
+    as large as ``STACK_BYTES`` allows for its widest SAE, and a new stack started where padding
+    the current one to the next width would waste more than ``STACK_PAD_FLOPS`` a step."""
     d_in = jobs[names[0]].sae.cfg.d_in
     budget = STACK_BYTES.get(training_device().type, STACK_BYTES["cpu"])
     chunks: list[list[Any]] = []
+    widest = 0
     for name in sorted(names, key=lambda n: jobs[n].sae.cfg.d_sae):
-        width = max(d_in, jobs[name].sae.cfg.d_sae)
-        if chunks and (len(chunks[-1]) + 1) * settings.batch_size * width * 4 <= budget:
+        d_sae = jobs[name].sae.cfg.d_sae
+        fits = chunks and (len(chunks[-1]) + 1) * settings.batch_size * max(d_in, d_sae) * 4 <= budget
+        waste = 12 * settings.batch_size * d_in * (d_sae - widest) * len(chunks[-1]) if chunks else 0
+        if fits and waste <= STACK_PAD_FLOPS:
             chunks[-1].append(name)
         else:
             chunks.append([name])
+        widest = d_sae
     return chunks
 
 

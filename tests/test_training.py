@@ -278,6 +278,19 @@ def test_a_sweep_too_big_for_one_stack_is_cut_into_stacks_that_train_the_same(mo
         assert _max_difference(whole[i], cut[i]) < EXACT
 
 
+def test_saes_of_far_apart_widths_go_to_separate_stacks_where_padding_would_cost_more_than_a_stack():
+    """LLM-sized SAEs of widths 64, 256 and 512 (d_in 640, batches of 1,024) are not padded to
+    512 in one stack; toy SAEs of widths 15-50 (d_in 100, batches of 500) still share one."""
+    from hedging_utils import training
+    def chunks(d_in, widths, batch):
+        jobs = {i: Job(make_sae(d_in, w, "batchtopk", k=4), lambda start: iter(()), {}) for i, w in enumerate(widths)}
+        return [[jobs[n].sae.cfg.d_sae for n in c] for c in training._stack_chunks(list(jobs), jobs, TrainSettings(steps=1, batch_size=batch))]
+    assert chunks(640, [512, 64, 256, 64, 256, 512], 1024) == [[64, 64], [256, 256], [512, 512]]
+    assert chunks(640, [64, 65], 1024) == [[64, 65]]  # a latent more is not worth a stack
+    toy = [15, 20, 25, 30, 35, 40, 45, 50] * 2
+    assert chunks(100, toy, 500) == [sorted(toy)]
+
+
 def test_a_gpu_stacks_llm_saes_that_the_cpu_cuts_into_stacks(monkeypatch):
     """The stack budget follows the device: the paper's LLM SAEs (d_in 2,304, width 8,192, batches
     of 4,096) train one per stack on the CPU and all together on a GPU."""
