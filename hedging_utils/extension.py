@@ -247,16 +247,36 @@ def grow_by_doubling(
     same stages on the same batches without new latents. The starts (e.g. seeds) train in
     lockstep. ``extend_kwargs`` go to every extension (``extend_sae``), e.g. an L1 re-warm-up,
     which the control gets too. Returns, per start, the base and the SAE after every stage."""
+    return _doubling_chains(starts, (double,), doublings, samples_per_stage, settings, extend_kwargs)[double]
+
+
+def double_beside_control(
+    starts: Mapping[Any, PairSpec], *, doublings: int, samples_per_stage: int, settings: TrainSettings, **extend_kwargs: Any,
+) -> tuple[dict[Any, list[TrainingSAE[Any]]], dict[Any, list[TrainingSAE[Any]]]]:
+    """``grow_by_doubling`` and its control (``double=False``: the same stages on the same
+    batches without new latents, so that what more training alone does shows itself), both
+    chains of every start trained together stage by stage. Returns (doubled, control), each as
+    ``grow_by_doubling`` returns it; ``metrics.control_changes`` compares the two."""
+    chains = _doubling_chains(starts, (True, False), doublings, samples_per_stage, settings, extend_kwargs)
+    return chains[True], chains[False]
+
+
+def _doubling_chains(
+    starts: Mapping[Any, PairSpec], modes: tuple[bool, ...], doublings: int, samples_per_stage: int,
+    settings: TrainSettings, extend_kwargs: dict[str, Any],
+) -> dict[bool, dict[Any, list[TrainingSAE[Any]]]]:
     check_positive_int("doublings", doublings)
     steps = max(1, samples_per_stage // settings.batch_size)
-    out = {key: [spec.base] for key, spec in starts.items()}
+    out = {double: {key: [spec.base] for key, spec in starts.items()} for double in modes}
     for stage in range(1, doublings + 1):
         jobs = {}
-        for key, spec in starts.items():
-            current = out[key][-1]
-            n_new = current.cfg.d_sae if double else 0
-            jobs[key] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage, **extend_kwargs), spec.stream, spec.data,
-                            spec.start_batch + (stage - 1) * steps, label=f"{key} stage {stage}, width {current.cfg.d_sae + n_new}")
-        for key, sae in train_saes(jobs, replace(settings, steps=steps), kind="continued_saes").items():
-            out[key].append(sae)
+        for double in modes:
+            for key, spec in starts.items():
+                current = out[double][key][-1]
+                n_new = current.cfg.d_sae if double else 0
+                label = f"{key} stage {stage}, width {current.cfg.d_sae + n_new}{'' if double else ' (control)'}"
+                jobs[(double, key)] = Job(_with_new_latents(current, n_new, seed=spec.seed + stage, **extend_kwargs), spec.stream,
+                                          spec.data, spec.start_batch + (stage - 1) * steps, label=label)
+        for (double, key), sae in train_saes(jobs, replace(settings, steps=steps), kind="continued_saes").items():
+            out[double][key].append(sae)
     return out

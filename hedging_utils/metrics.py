@@ -216,6 +216,36 @@ def bias_changes(
     return pd.DataFrame(rows)
 
 
+def control_changes(doubled: Sequence[Any], control: Sequence[Any]) -> pd.DataFrame:
+    """Each stage of a doubling chain beside its control's (``extension.double_beside_control``:
+    the same SAE trained on the same batches without new latents), one row per ``stage`` (0: the
+    shared start):
+
+    - ``b_dec_norm`` and ``control_b_dec_norm``, and ``corrected_norm``: the doubled SAE's norm
+      less what the control's moved since the start (what more training alone would have done);
+    - from stage 1 on, with delta and delta_c the stage's change of b_dec in each chain:
+      ``control_change_norm`` (||delta_c||), ``cos_control_change`` (cosine of delta with
+      delta_c) and ``share_not_control`` (||delta - delta_c||^2 / ||delta||^2: the share of the
+      stage's change the control does not make too); NaN at stage 0.
+    """
+    if len(doubled) != len(control):
+        raise ValueError(f"the doubled chain has {len(doubled)} stages and its control {len(control)}; they must match.")
+    biases = [[sae.b_dec.detach().float().cpu().numpy().astype(float) for sae in chain] for chain in (doubled, control)]
+    (ours, theirs), nan = biases, float("nan")
+    rows = []
+    for stage, (b, c) in enumerate(zip(ours, theirs)):
+        row = {"stage": stage, "width": int(doubled[stage].cfg.d_sae), "b_dec_norm": float(np.linalg.norm(b)),
+               "control_b_dec_norm": float(np.linalg.norm(c)),
+               "corrected_norm": float(np.linalg.norm(b) - (np.linalg.norm(c) - np.linalg.norm(theirs[0]))),
+               "control_change_norm": nan, "cos_control_change": nan, "share_not_control": nan}
+        if stage:
+            delta, delta_c = b - ours[stage - 1], c - theirs[stage - 1]
+            row.update(control_change_norm=float(np.linalg.norm(delta_c)), cos_control_change=_cos(delta, delta_c),
+                       share_not_control=float(np.sum((delta - delta_c) ** 2) / np.sum(delta ** 2)) if delta.any() else nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------
 # Reconstruction, and comparing SAE families over a setting (notebook 06)
 

@@ -655,6 +655,13 @@ def check_non_negative(name: str, value: Any) -> float:
     return x
 
 
+def check_positive(name: str, value: Any) -> float:
+    x = check_non_negative(name, value)
+    if not x > 0:
+        raise ParameterError(f"{name}={value!r} must be > 0.")
+    return x
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = list(choices)
     if value not in choices:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hedging_utils.extension import (PairSpec, control_and_extended, continue_training, extend_sae, extension_pairs, grow_sae,
-                                     grow_by_doubling, grow_saes)
+                                     double_beside_control, grow_by_doubling, grow_saes)
 from hedging_utils.metrics import hedging_degree, hedging_degree_from_decoders, projection_norms
 from hedging_utils.profiles import ParameterError
 from hedging_utils.toys import ToySetting, conditional_pair
@@ -197,6 +197,20 @@ def test_doubling_keeps_each_stage_and_its_latents():
     assert [sae.cfg.d_sae for sae in control[0]] == [2, 2, 2]
     with pytest.raises(ParameterError, match="doublings"):
         grow_by_doubling(starts, doublings=0, samples_per_stage=32, settings=TrainSettings(steps=1, batch_size=32))
+
+
+def test_doubling_beside_its_control_trains_both_chains_as_alone():
+    toy = ToySetting([0.3, 0.2, 0.1, 0.1], d_model=8)
+    starts = {s: PairSpec(make_sae(8, 2, "standard", l1_coefficient=1e-3), toy.stream(32, seed=s), toy.stream_key(32, s),
+                          start_batch=5, seed=s) for s in (0, 1)}
+    kw = dict(doublings=2, samples_per_stage=3 * 32, settings=TrainSettings(steps=1, batch_size=32))
+    doubled, control = double_beside_control(starts, **kw)
+    alone, alone_control = grow_by_doubling(starts, **kw), grow_by_doubling(starts, double=False, **kw)
+    for s in starts:
+        assert [sae.cfg.d_sae for sae in doubled[s]] == [2, 4, 8] and [sae.cfg.d_sae for sae in control[s]] == [2, 2, 2]
+        for ours, theirs in zip(doubled[s] + control[s], alone[s] + alone_control[s]):
+            assert torch.allclose(ours.W_dec, theirs.W_dec, atol=1e-6) and torch.allclose(ours.b_dec, theirs.b_dec, atol=1e-6)
+    assert not torch.equal(doubled[0][2].b_dec, control[0][2].b_dec)
 
 
 def test_growing_gives_every_extension_and_its_control_the_l1_rewarmup():

@@ -133,6 +133,24 @@ def test_bias_changes_sees_a_handover_and_matches_the_random_walk_law():
     assert row["b_dec_norm"] == 0.0 and 2.4 < row["random_walk_norm"] < 3.0
 
 
+def test_control_changes_corrects_by_the_control_and_splits_each_change():
+    from hedging_utils.metrics import control_changes
+    eye = np.eye(4)
+    b0, b1, b2 = [3.0, 4.0, 0.0, 0.0], [3.0, 4.0, 2.0, 0.0], [3.0, 4.0, 2.0, 2.0]
+    doubled = [_sae_with(eye[:1], b0), _sae_with(eye[:2], b1), _sae_with(eye[:4], b2)]
+    # the control makes the first stage's change too and none of the second
+    control = [_sae_with(eye[:1], b0), _sae_with(eye[:1], b1), _sae_with(eye[:1], b1)]
+    table = control_changes(doubled, control).set_index("stage")
+    assert list(table["width"]) == [1, 2, 4]
+    assert np.isnan(table.loc[0, "share_not_control"]) and table.loc[0, "corrected_norm"] == pytest.approx(5.0)
+    assert table.loc[1, "share_not_control"] == pytest.approx(0.0) and table.loc[1, "cos_control_change"] == pytest.approx(1.0)
+    assert table.loc[1, "corrected_norm"] == pytest.approx(5.0)  # all of the rise is the control's
+    assert table.loc[2, "share_not_control"] == pytest.approx(1.0) and table.loc[2, "control_change_norm"] == 0.0
+    assert table.loc[2, "corrected_norm"] == pytest.approx(np.sqrt(33) - (np.sqrt(29) - 5.0))
+    with pytest.raises(ValueError, match="stages"):
+        control_changes(doubled, control[:2])
+
+
 def test_reconstruction_table_reads_variance_explained_l0_and_live_latents():
     import torch
     from hedging_utils.metrics import reconstruction_table

@@ -1,7 +1,7 @@
 import pytest
 
 from hedging_utils.profiles import (
-    PROFILES, ParameterError, check_choice, check_probability, check_seed, figures_dir, resolve_profile,
+    PROFILES, ParameterError, check_choice, check_positive, check_probability, check_seed, figures_dir, resolve_profile,
 )
 
 
@@ -35,6 +35,10 @@ def test_other_checks_name_the_parameter():
         check_seed("seed", -1)
     with pytest.raises(ParameterError, match="init='zeros'"):
         check_choice("init", "zeros", ["true_features", "random"])
+    for value in (0, -1.0, "big"):
+        with pytest.raises(ParameterError, match=f"btk_init_norm={value!r}"):
+            check_positive("btk_init_norm", value)
+    assert check_positive("btk_init_norm", 0.5) == 0.5
 
 
 def test_profiles_only_change_numbers():
