@@ -187,10 +187,11 @@ PAPER_SAEBENCH = SAEBenchScale(vocab_size=None, letter_probe_epochs=50, k_sparse
 # A subsample of the vocabulary: the whole of it costs about 3.5 h of model time on 2 cores. With
 # 3,000 tokens 18-19 letters passed the residual probe's F1 > 0.6 in float32 and 15 with bfloat16
 # forward passes (measured on Gemma 3 270M layer 9), fewer than the 20 SAEBench asks before it
-# reports absorption, so absorption is reported absent, as SAEBench's run_eval would. With 6,000, 22 letters pass (bfloat16 forward passes) and
-# SAEBench's absorption runs (its prompts' examples are one-token words, saebench._icl_tokens),
-# but one evaluation took 261 s (prompts not yet cached, another job on the machine): too long for
-# notebook 06's 28 SAEs within the hour.
+# reports absorption, so absorption is reported absent, as SAEBench's run_eval would. With 6,000,
+# 21 letters pass in float32 (22 with bfloat16 forward passes) and SAEBench's absorption runs (its
+# prompts' examples are one-token words, saebench._icl_tokens), but on 2 AVX2 cores in float32 the
+# probes took 703 s and each SAE's evaluation 28-30 s with the prompts' residuals cached: about
+# 14 minutes for notebook 06's 28 SAEs, too long for the hour (README, notebook 06).
 # k-sparse probing on six of sae-probes' 113 tasks (news topic, sentiment, code language, two
 # Wikidata tasks, spam), 256 + 128 prompts each and their last 128 tokens: all 113 at sae-probes'
 # sizes are about 300,000 prompts of up to 1,024 tokens, days of model time on 2 cores.
