@@ -18,7 +18,7 @@ import time
 import torch
 
 import hedging_utils  # noqa: F401  (registers the SAE variants)
-from activation_caching import matmul_flops  # benchmarks/ is on the path when a script here runs
+from activation_caching import matmul_flops, precisions  # benchmarks/ is on the path when a script here runs
 from hedging_utils.training import Job, TrainSettings, make_sae, seeded, train_together
 
 CONFIGS = {
@@ -57,19 +57,21 @@ def time_config(arch: str, width: int, batch: int, n_saes: int, cfg: dict, preci
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--force-bf16", action="store_true", help="measure bfloat16 where it is emulated too")
     args = parser.parse_args()
-    peaks = {p: matmul_flops(2048, 2048, 2048, repeats=10, dtype=dt) for p, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    print(f"torch threads: {torch.get_num_threads()}; matmul 2048^3: float32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-          f"bfloat16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    measured = precisions(args.force_bf16)
+    peaks = {p: matmul_flops(2048, 2048, 2048, repeats=10, dtype=getattr(torch, p)) for p in measured}
+    print(f"torch threads: {torch.get_num_threads()}; matmul 2048^3: " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in measured))
     for name, (arch, width, batch, n_saes, cfg) in CONFIGS.items():
         flop = 12 * batch * 640 * width * n_saes
-        times = {p: time_config(arch, width, batch, n_saes, cfg, p, args.steps) for p in ("float32", "bfloat16")}
+        times = {p: time_config(arch, width, batch, n_saes, cfg, p, args.steps) for p in measured}
         print(name)
         for p, t in times.items():
             rate = flop / t
             print(f"  {p:9s} {1e3 * t:7.1f} ms/step  {batch * n_saes / t:10,.0f} tokens x SAEs/s  {rate / 1e9:6.1f} GFLOP/s "
-                  f"= {100 * rate / peaks['float32']:3.0f}% of float32, {100 * rate / peaks['bfloat16']:3.0f}% of bfloat16 matmul")
-        print(f"  bfloat16 speed-up: {times['float32'] / times['bfloat16']:.2f}x")
+                  "= " + ", ".join(f"{100 * rate / peaks[q]:3.0f}% of {q}" for q in measured) + " matmul")
+        if "bfloat16" in times:
+            print(f"  bfloat16 speed-up: {times['float32'] / times['bfloat16']:.2f}x")
 
 
 if __name__ == "__main__":
