@@ -49,7 +49,11 @@ def train_llm_sae(
 @dataclass(frozen=True)
 class LLMSAESpec:
     """A fresh SAE for ``train_llm_saes``: its width, SAELens architecture and config, the seed
-    of its initialisation and the seed of its data stream (the order of the batches)."""
+    of its initialisation and the seed of its data stream (the order of the batches).
+
+    ``b_dec_init`` is where its decoder bias starts: ``zeros`` (SAELens 6's trainer, every
+    figure's SAEs) or ``mean``, the mean of the first cached shard's training activations
+    (SAELens 5's ``b_dec_init_method="mean"``; notebook 04's ablation of X-p7-training)."""
 
     d_sae: int
     architecture: str = "standard"
@@ -57,6 +61,14 @@ class LLMSAESpec:
     stream_seed: int = 0
     cfg: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    b_dec_init: str = "zeros"
+
+    def __post_init__(self) -> None:
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}.")
+
+
+B_DEC_INITS = ("zeros", "mean")
 
 
 def train_llm_saes(
@@ -77,8 +89,13 @@ def llm_job(source: ActivationSource, spec: LLMSAESpec, batch_size: int, window_
     check_positive_int("d_sae", spec.d_sae)
     with seeded(spec.seed):
         sae = make_sae(source.d_model, spec.d_sae, spec.architecture, **spec.cfg)
+    init: dict[str, Any] = {"seed": spec.seed}
+    if spec.b_dec_init == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(source.shard_training_tokens(0)[0].float().mean(0))
+        init["b_dec"] = "mean of shard 0"
     stream = source.stream(batch_size, spec.stream_seed, window_bytes=window_bytes)
-    return Job(sae, stream, stream.key(), init={"seed": spec.seed}, label=spec.label or f"{spec.architecture} width {spec.d_sae}")
+    return Job(sae, stream, stream.key(), init=init, label=spec.label or f"{spec.architecture} width {spec.d_sae}")
 
 
 def llm_settings(tokens: int, batch_size: int, **kwargs: Any) -> TrainSettings:
@@ -123,10 +140,14 @@ class SAERecipe:
     def base_settings(self, scale: LLMScale) -> TrainSettings:
         return llm_settings(scale.base_tokens, scale.batch_size, lr=self.lr, dead_feature_window=scale.dead_feature_window)
 
-    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int) -> TrainingSAE[Any]:
-        """The base SAE of ``measure_hedging`` with this recipe (the same cache entry)."""
-        return train_llm_sae(source, width, self.base_settings(scale), architecture=self.architecture, seed=seed,
-                             stream_seed=seed, label=f"{self.architecture} width {width} seed {seed}", **self.cfg)
+    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int, *,
+                 b_dec_init: str = "zeros") -> TrainingSAE[Any]:
+        """The base SAE of ``measure_hedging`` with this recipe (the same cache entry); with
+        ``b_dec_init="mean"`` the same SAE with its decoder bias started at the activations' mean
+        (``LLMSAESpec``)."""
+        label = f"{self.architecture} width {width} seed {seed}" + (f", b_dec at {b_dec_init}" if b_dec_init != "zeros" else "")
+        spec = LLMSAESpec(width, self.architecture, seed, seed, self.cfg, label, b_dec_init)
+        return train_llm_saes(source, {"sae": spec}, self.base_settings(scale))["sae"]
 
 
 @dataclass(frozen=True)

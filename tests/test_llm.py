@@ -130,3 +130,21 @@ def test_pretrained_sae_loads_through_sae_lens(tmp_path, monkeypatch):
     assert calls == [("gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_22")]
     table = decoder_bias_table({"pretrained": sae}, torch.randn(64, 8))
     assert table.loc[0, "width"] == 12 and table.loc[0, "b_dec_norm"] == pytest.approx(0.5 * 8**0.5)
+
+
+def test_a_decoder_bias_started_at_the_mean_is_its_own_cache_entry(model, tiny_corpus, tiny_cache):
+    source = tiny_cache(model, tiny_corpus)[2]
+    spec = llm.LLMSAESpec(16, "batchtopk", seed=0, cfg={"k": 4})
+    mean_spec = dataclasses.replace(spec, b_dec_init="mean")
+    zeros, at_mean = llm.llm_job(source, spec, 32), llm.llm_job(source, mean_spec, 32)
+    assert zeros.init == {"seed": 0}  # the key of every SAE trained before the option existed
+    assert torch.count_nonzero(zeros.sae.b_dec) == 0
+    assert torch.allclose(at_mean.sae.b_dec, source.shard_training_tokens(0)[0].float().mean(0))
+    assert torch.equal(at_mean.sae.W_dec, zeros.sae.W_dec)  # only the bias differs
+    settings = llm.llm_settings(64, 32, lr=1e-3, dead_feature_window=2)
+    assert zeros.cache_settings(settings) != at_mean.cache_settings(settings)
+    scale = dataclasses.replace(PROFILES["ci"].llm, base_tokens=64, batch_size=32, k=4)
+    recipe = llm.SAERecipe.at_scale(scale, scale.models[0], "btk")
+    assert not torch.equal(recipe.base_sae(source, scale, 16, 0, b_dec_init="mean").b_dec, recipe.base_sae(source, scale, 16, 0).b_dec)
+    with pytest.raises(ParameterError, match="b_dec_init"):
+        llm.LLMSAESpec(16, b_dec_init="median")
