@@ -243,7 +243,8 @@ class HedgingSpec:
     from ``seed``), then a control and an extension by ``n_new`` latents continued on the next
     ``continued_tokens`` at ``continued_lr`` (default ``lr``). ``cfg`` goes to the SAE's config
     (e.g. ``k``, ``l1_coefficient``), ``extend_kwargs`` to ``extend_sae``; ``window_bytes`` bounds
-    the activations a stream holds."""
+    the activations a stream holds; ``b_dec_init`` where the base SAE's decoder bias starts
+    (``LLMSAESpec``: ``zeros``, every figure's, or ``mean``)."""
 
     source: ActivationSource
     width: int
@@ -259,6 +260,7 @@ class HedgingSpec:
     cfg: Mapping[str, Any] = field(default_factory=dict)
     extend_kwargs: Mapping[str, Any] = field(default_factory=dict)
     window_bytes: int | None = None
+    b_dec_init: str = "zeros"
 
     def base_settings(self) -> TrainSettings:
         return llm_settings(self.base_tokens, self.batch_size, lr=self.lr, dead_feature_window=self.dead_feature_window)
@@ -269,7 +271,7 @@ class HedgingSpec:
 
     def base_spec(self) -> LLMSAESpec:
         return LLMSAESpec(self.width, self.architecture, self.seed, self.seed, dict(self.cfg),
-                          label=f"{self.architecture} width {self.width} seed {self.seed}")
+                          label=f"{self.architecture} width {self.width} seed {self.seed}", b_dec_init=self.b_dec_init)
 
 
 def measure_hedgings(specs: Mapping[Any, HedgingSpec], *, n_random_draws: int = 10,
@@ -325,15 +327,17 @@ def measure_hedging(
     dead_feature_window: int = DEAD_FEATURE_WINDOW,
     extend_kwargs: dict[str, Any] | None = None,
     window_bytes: int | None = None,
+    b_dec_init: str = "zeros",
     **sae_cfg: Any,
 ) -> HedgingMeasurement:
     """One measurement of ``measure_hedgings``: train a base SAE on ``base_tokens``, then a
     control and an extension by ``n_new`` latents on the next ``continued_tokens`` (the same
     batches for both, at ``continued_lr``, default ``lr``), and measure the hedging degree.
     Token counts are used in whole batches. Every SAE is cached. ``window_bytes`` bounds the
-    activations the stream holds (``ActivationSource.stream``)."""
+    activations the stream holds (``ActivationSource.stream``); ``b_dec_init`` where the base SAE's
+    decoder bias starts (``LLMSAESpec``)."""
     spec = HedgingSpec(source, width, n_new, architecture, base_tokens, continued_tokens, batch_size, lr, continued_lr, seed,
-                       dead_feature_window, sae_cfg, extend_kwargs or {}, window_bytes)
+                       dead_feature_window, sae_cfg, extend_kwargs or {}, window_bytes, b_dec_init)
     return measure_hedgings({"m": spec}, n_random_draws=n_random_draws)["m"]
 
 

@@ -148,3 +148,14 @@ def test_a_decoder_bias_started_at_the_mean_is_its_own_cache_entry(model, tiny_c
     assert not torch.equal(recipe.base_sae(source, scale, 16, 0, b_dec_init="mean").b_dec, recipe.base_sae(source, scale, 16, 0).b_dec)
     with pytest.raises(ParameterError, match="b_dec_init"):
         llm.LLMSAESpec(16, b_dec_init="median")
+
+
+def test_a_hedging_measurement_can_start_its_base_at_the_mean(model, tiny_corpus, tiny_cache):
+    source = tiny_cache(model, tiny_corpus)[2]
+    kwargs = dict(architecture="batchtopk", base_tokens=64, continued_tokens=32, batch_size=32, lr=1e-3, seed=0, k=4)
+    zeros, at_mean = (llm.measure_hedging(source, 16, 2, b_dec_init=init, **kwargs) for init in ("zeros", "mean"))
+    spec = llm.HedgingSpec(source, 16, 2, "batchtopk", 64, 32, 32, 1e-3, cfg={"k": 4})
+    assert spec.base_spec() == llm.LLMSAESpec(16, "batchtopk", 0, 0, {"k": 4}, spec.base_spec().label)  # zeros by default
+    assert dataclasses.replace(spec, b_dec_init="mean").base_spec().b_dec_init == "mean"
+    assert not torch.equal(zeros.base.b_dec, at_mean.base.b_dec)
+    assert at_mean.pair.control.W_dec.shape == (16, 640) and at_mean.pair.extended.W_dec.shape == (18, 640)
