@@ -17,7 +17,7 @@ from hedging_utils.activations import ActivationSource
 from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extension_pairs, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import matmul_precision
-from hedging_utils.profiles import LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
+from hedging_utils.profiles import B_DEC_INITS, LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
@@ -36,13 +36,15 @@ def train_llm_sae(
     stream_seed: int = 0,
     label: str = "",
     window_bytes: int | None = None,
+    b_dec_init: str = "zeros",
     **sae_cfg: Any,
 ) -> TrainingSAE[Any]:
-    """Train a fresh SAE (any registered SAELens architecture, initialised with ``seed``;
-    ``sae_cfg`` goes to its config, e.g. ``k`` or ``l1_coefficient``) on the first
-    ``settings.steps`` batches of ``source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)``.
+    """Train a fresh SAE (any registered SAELens architecture, initialised with ``seed``, its
+    decoder bias at ``b_dec_init``; ``sae_cfg`` goes to its config, e.g. ``k`` or
+    ``l1_coefficient``) on the first ``settings.steps`` batches of
+    ``source.stream(settings.batch_size, stream_seed, window_bytes=window_bytes)``.
     Cached on disk under every setting (``data/cache/llm_saes``), so reruns load it."""
-    spec = LLMSAESpec(d_sae, architecture, seed, stream_seed, sae_cfg, label)
+    spec = LLMSAESpec(d_sae, architecture, seed, stream_seed, sae_cfg, label, b_dec_init)
     return train_llm_saes(source, {"sae": spec}, settings, window_bytes=window_bytes)["sae"]
 
 
@@ -51,9 +53,9 @@ class LLMSAESpec:
     """A fresh SAE for ``train_llm_saes``: its width, SAELens architecture and config, the seed
     of its initialisation and the seed of its data stream (the order of the batches).
 
-    ``b_dec_init`` is where its decoder bias starts: ``zeros`` (SAELens 6's trainer, every
-    figure's SAEs) or ``mean``, the mean of the first cached shard's training activations
-    (SAELens 5's ``b_dec_init_method="mean"``; notebook 04's ablation of X-p7-training)."""
+    ``b_dec_init`` is where its decoder bias starts: ``zeros`` (SAELens 6's trainer) or ``mean``,
+    the mean of the first cached shard's training activations (SAELens 5's
+    ``b_dec_init_method="mean"``); ``LLMScale.b_dec_init`` chooses it for notebooks 04 and 05."""
 
     d_sae: int
     architecture: str = "standard"
@@ -67,8 +69,6 @@ class LLMSAESpec:
         if self.b_dec_init not in B_DEC_INITS:
             raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}.")
 
-
-B_DEC_INITS = ("zeros", "mean")
 
 
 def train_llm_saes(
@@ -118,36 +118,49 @@ def llm_precision() -> str:
 @dataclass(frozen=True)
 class SAERecipe:
     """How the LLM figures train a BatchTopK ('btk') or L1 ('l1') SAE at a profile's scale:
-    its SAELens architecture, base and continued learning rates, and config."""
+    its SAELens architecture, base and continued learning rates, config, and where its decoder
+    bias starts (``LLMSAESpec``)."""
 
     architecture: str
     lr: float
     continued_lr: float
     cfg: dict[str, Any]
+    b_dec_init: str = "zeros"
 
     @classmethod
     def at_scale(cls, scale: LLMScale, model: LLMModel, arch: str, *, k: int | None = None,
-                 l1_multiple: float = 1.0) -> "SAERecipe":
+                 l1_multiple: float = 1.0, l1_coefficient: float | None = None,
+                 b_dec_init: str | None = None) -> "SAERecipe":
         """BatchTopK with K = ``k`` (default ``scale.k``), or L1 with ``l1_multiple`` times the
-        model's coefficient and the scale's warm-up."""
+        model's coefficient (or ``l1_coefficient`` itself) and the scale's warm-up; the decoder
+        bias starts at ``b_dec_init`` (default ``scale.b_dec_init``)."""
+        start = scale.b_dec_init if b_dec_init is None else b_dec_init
         if arch == "btk":
-            return cls("batchtopk", scale.lr_batchtopk, scale.continued_lr_batchtopk, {"k": k or scale.k})
+            return cls("batchtopk", scale.lr_batchtopk, scale.continued_lr_batchtopk, {"k": k or scale.k}, start)
         if arch == "l1":
+            coefficient = model.l1_coefficient * l1_multiple if l1_coefficient is None else l1_coefficient
             return cls("standard", scale.lr_l1, scale.continued_lr_l1,
-                       {"l1_coefficient": model.l1_coefficient * l1_multiple, "l1_warm_up_steps": scale.l1_warm_up_steps})
+                       {"l1_coefficient": coefficient, "l1_warm_up_steps": scale.l1_warm_up_steps}, start)
         raise ParameterError(f"arch={arch!r} is not 'btk' or 'l1'.")
 
     def base_settings(self, scale: LLMScale) -> TrainSettings:
         return llm_settings(scale.base_tokens, scale.batch_size, lr=self.lr, dead_feature_window=scale.dead_feature_window)
 
-    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int, *,
-                 b_dec_init: str = "zeros") -> TrainingSAE[Any]:
-        """The base SAE of ``measure_hedging`` with this recipe (the same cache entry); with
-        ``b_dec_init="mean"`` the same SAE with its decoder bias started at the activations' mean
-        (``LLMSAESpec``)."""
-        label = f"{self.architecture} width {width} seed {seed}" + (f", b_dec at {b_dec_init}" if b_dec_init != "zeros" else "")
-        spec = LLMSAESpec(width, self.architecture, seed, seed, self.cfg, label, b_dec_init)
+    def base_sae(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int) -> TrainingSAE[Any]:
+        """The base SAE of ``hedging_spec``'s measurement (the same cache entry)."""
+        label = f"{self.architecture} width {width} seed {seed}" + (f", b_dec at {self.b_dec_init}" if self.b_dec_init != "zeros" else "")
+        spec = LLMSAESpec(width, self.architecture, seed, seed, self.cfg, label, self.b_dec_init)
         return train_llm_saes(source, {"sae": spec}, self.base_settings(scale))["sae"]
+
+    def hedging_spec(self, source: "ActivationSource", scale: LLMScale, width: int, seed: int,
+                     n_new: int | None = None, **kwargs: Any) -> "HedgingSpec":
+        """The paper's hedging-degree measurement with this recipe at ``scale``: a base SAE of
+        ``width`` on ``base_tokens``, extended by ``n_new`` latents (default ``scale.n_new``) and
+        continued at the recipe's continued rate; ``kwargs`` replace ``HedgingSpec`` fields."""
+        fields = dict(base_tokens=scale.base_tokens, continued_tokens=scale.continued_tokens, batch_size=scale.batch_size,
+                      lr=self.lr, continued_lr=self.continued_lr, seed=seed, dead_feature_window=scale.dead_feature_window,
+                      cfg=self.cfg, b_dec_init=self.b_dec_init)
+        return HedgingSpec(source, width, n_new or scale.n_new, self.architecture, **{**fields, **kwargs})
 
 
 @dataclass(frozen=True)
@@ -345,13 +358,14 @@ def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_
     """The post's growing L1 SAE on ``source`` at the widths and tokens of ``scale`` (an
     ``LLMScale``): ``growing_start`` latents, a group of ``growing_group`` more every
     ``growing_group_tokens`` tokens up to ``growing_max``, every width trained to
-    ``growing_total_tokens`` (``grow_sae``), at ``growing_lr``. Its L1 coefficient warms up from
+    ``growing_total_tokens`` (``grow_sae``), at ``growing_lr``, its decoder bias started at
+    ``b_dec_init``. Its L1 coefficient warms up from
     0 over the first group and restarts at ``growing_l1_floor`` of itself over each later group
     (``growing_extension``), without which the added latents die. Every SAE is cached."""
     training = llm_settings(scale.growing_group_tokens, scale.batch_size, lr=scale.growing_lr)
     start = train_llm_sae(source, scale.growing_start, training, architecture="balance_matryoshka_standard", seed=seed,
-                          stream_seed=seed, label="growing SAE start", l1_coefficient=scale.growing_l1_coefficient,
-                          l1_warm_up_steps=training.steps)
+                          stream_seed=seed, label="growing SAE start", b_dec_init=scale.b_dec_init,
+                          l1_coefficient=scale.growing_l1_coefficient, l1_warm_up_steps=training.steps)
     return grow_sae(start, source.stream(scale.batch_size, seed), data=stream_key(source, scale.batch_size, seed),
                     group_size=scale.growing_group, max_width=scale.growing_max,
                     samples_per_group=scale.growing_group_tokens, total_samples=scale.growing_total_tokens,

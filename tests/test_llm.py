@@ -79,8 +79,10 @@ def test_recipe_base_sae_is_measure_hedgings_base(model, tiny_corpus, tiny_cache
     recipe = llm.SAERecipe.at_scale(scale, scale.models[0], "btk")
     m = llm.measure_hedging(source, 16, 2, architecture=recipe.architecture, base_tokens=scale.base_tokens,
                             continued_tokens=scale.continued_tokens, batch_size=scale.batch_size, lr=recipe.lr,
-                            dead_feature_window=scale.dead_feature_window, seed=1, **recipe.cfg)
+                            dead_feature_window=scale.dead_feature_window, seed=1, b_dec_init=scale.b_dec_init, **recipe.cfg)
     assert torch.equal(recipe.base_sae(source, scale, 16, seed=1).W_dec, m.base.W_dec)
+    from_spec = llm.measure_hedgings({0: recipe.hedging_spec(source, scale, 16, 1, n_new=2)}, progress=False)[0]
+    assert torch.equal(from_spec.base.W_dec, m.base.W_dec) and torch.equal(from_spec.pair.extended.W_dec, m.pair.extended.W_dec)
     assert llm.SAERecipe.at_scale(scale, scale.models[0], "l1", l1_multiple=2.0).cfg["l1_coefficient"] == 2 * scale.models[0].l1_coefficient
     with pytest.raises(ParameterError, match="arch"):
         llm.SAERecipe.at_scale(scale, scale.models[0], "jumprelu")
@@ -144,10 +146,26 @@ def test_a_decoder_bias_started_at_the_mean_is_its_own_cache_entry(model, tiny_c
     settings = llm.llm_settings(64, 32, lr=1e-3, dead_feature_window=2)
     assert zeros.cache_settings(settings) != at_mean.cache_settings(settings)
     scale = dataclasses.replace(PROFILES["ci"].llm, base_tokens=64, batch_size=32, k=4)
-    recipe = llm.SAERecipe.at_scale(scale, scale.models[0], "btk")
-    assert not torch.equal(recipe.base_sae(source, scale, 16, 0, b_dec_init="mean").b_dec, recipe.base_sae(source, scale, 16, 0).b_dec)
+    at_mean_recipe, at_zero_recipe = (llm.SAERecipe.at_scale(scale, scale.models[0], "btk", b_dec_init=init) for init in ("mean", "zeros"))
+    assert not torch.equal(at_mean_recipe.base_sae(source, scale, 16, 0).b_dec, at_zero_recipe.base_sae(source, scale, 16, 0).b_dec)
     with pytest.raises(ParameterError, match="b_dec_init"):
         llm.LLMSAESpec(16, b_dec_init="median")
+    with pytest.raises(ParameterError, match="b_dec_init"):
+        dataclasses.replace(scale, b_dec_init="median")
+
+
+def test_a_recipe_starts_its_decoder_bias_where_the_scale_says():
+    scale = PROFILES["small"].llm
+    lead = scale.models[0]
+    assert scale.b_dec_init == "mean" and PROFILES["paper"].llm.b_dec_init == "zeros"  # the authors' start
+    l1 = llm.SAERecipe.at_scale(scale, lead, "l1")
+    assert l1.b_dec_init == "mean" and l1.cfg["l1_coefficient"] == lead.l1_coefficient
+    other = llm.SAERecipe.at_scale(scale, lead, "l1", l1_coefficient=1.5, b_dec_init="zeros")
+    assert other.b_dec_init == "zeros" and other.cfg["l1_coefficient"] == 1.5
+    spec = l1.hedging_spec("source", scale, 128, 1)
+    assert (spec.b_dec_init, spec.n_new, spec.base_tokens, spec.continued_lr, spec.seed) == (
+        "mean", scale.n_new, scale.base_tokens, scale.continued_lr_l1, 1)
+    assert spec.base_spec().b_dec_init == "mean" and l1.hedging_spec("source", scale, 128, 1, n_new=1).n_new == 1
 
 
 def test_a_hedging_measurement_can_start_its_base_at_the_mean(model, tiny_corpus, tiny_cache):
