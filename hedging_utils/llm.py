@@ -257,7 +257,7 @@ class HedgingSpec:
     ``continued_tokens`` at ``continued_lr`` (default ``lr``). ``cfg`` goes to the SAE's config
     (e.g. ``k``, ``l1_coefficient``), ``extend_kwargs`` to ``extend_sae``; ``window_bytes`` bounds
     the activations a stream holds; ``b_dec_init`` where the base SAE's decoder bias starts
-    (``LLMSAESpec``: ``zeros``, every figure's, or ``mean``)."""
+    (``LLMSAESpec``: ``zeros`` or ``mean``). ``SAERecipe.hedging_spec`` fills it at a profile's scale."""
 
     source: ActivationSource
     width: int
@@ -359,9 +359,9 @@ def grow_llm_sae(source: ActivationSource, scale: LLMScale, *, seed: int = 0, n_
     ``LLMScale``): ``growing_start`` latents, a group of ``growing_group`` more every
     ``growing_group_tokens`` tokens up to ``growing_max``, every width trained to
     ``growing_total_tokens`` (``grow_sae``), at ``growing_lr``, its decoder bias started at
-    ``b_dec_init``. Its L1 coefficient warms up from
-    0 over the first group and restarts at ``growing_l1_floor`` of itself over each later group
-    (``growing_extension``), without which the added latents die. Every SAE is cached."""
+    ``b_dec_init``. Its L1 coefficient warms up from 0 over the first group and restarts at
+    ``growing_l1_floor`` of itself over each later group (``growing_extension``), without which
+    the added latents die. Every SAE is cached."""
     training = llm_settings(scale.growing_group_tokens, scale.batch_size, lr=scale.growing_lr)
     start = train_llm_sae(source, scale.growing_start, training, architecture="balance_matryoshka_standard", seed=seed,
                           stream_seed=seed, label="growing SAE start", b_dec_init=scale.b_dec_init,

@@ -565,7 +565,7 @@ SMALL_LLM = LLMScale(
     models=(LLMModel("gemma-3-270m", 9, 0.2),), layers=(3, 6, 9), corpus="offline", context_size=128,
     shard_sequences=128, cached_tokens=327_680, base_tokens=1_048_576, continued_tokens=327_680, batch_size=1024,
     lr_batchtopk=1e-3, lr_l1=3e-3, continued_lr_batchtopk=1e-3, continued_lr_l1=3e-4, dead_feature_window=20,
-    case_study_arch="btk", l1_warm_up_steps=160,
+    case_study_arch="l1", l1_warm_up_steps=160,
     widths=(64, 128, 256, 512, 1024, 2048), width=128, n_new=16, k=25,
     k_values=(10, 25, 50), l1_values=(0.5, 1.0, 2.0), n_values=(1, 2, 4, 8, 16, 32, 64),
     growing_start=32, growing_group=32, growing_max=192, growing_group_tokens=81_920, growing_total_tokens=573_440,

@@ -177,3 +177,22 @@ def test_a_hedging_measurement_can_start_its_base_at_the_mean(model, tiny_corpus
     assert dataclasses.replace(spec, b_dec_init="mean").base_spec().b_dec_init == "mean"
     assert not torch.equal(zeros.base.b_dec, at_mean.base.b_dec)
     assert at_mean.pair.control.W_dec.shape == (16, 640) and at_mean.pair.extended.W_dec.shape == (18, 640)
+
+
+def test_the_growing_sae_starts_its_decoder_bias_where_the_scale_says(monkeypatch):
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def start(source, d_sae, settings, **kwargs):
+        seen.update(kwargs, d_sae=d_sae)
+        raise Started
+
+    monkeypatch.setattr(llm, "train_llm_sae", start)
+    for init in ("mean", "zeros"):
+        scale = dataclasses.replace(PROFILES["ci"].llm, b_dec_init=init)
+        with pytest.raises(Started):
+            llm.grow_llm_sae("source", scale)
+        assert seen["b_dec_init"] == init and seen["l1_coefficient"] == scale.growing_l1_coefficient
+        assert seen["d_sae"] == scale.growing_start
