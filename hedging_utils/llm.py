@@ -70,7 +70,6 @@ class LLMSAESpec:
             raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}.")
 
 
-
 def train_llm_saes(
     source: ActivationSource, specs: Mapping[Any, LLMSAESpec], settings: TrainSettings, *,
     window_bytes: int | None = None, progress: bool = True,
