@@ -55,7 +55,8 @@ class LLMSAESpec:
 
     ``b_dec_init`` is where its decoder bias starts: ``zeros`` (SAELens 6's trainer) or ``mean``,
     the mean of the first cached shard's training activations (SAELens 5's
-    ``b_dec_init_method="mean"``); ``LLMScale.b_dec_init`` chooses it for notebooks 04 and 05."""
+    ``b_dec_init_method="mean"``); ``LLMScale.b_dec_init`` chooses it for notebooks 04 and 05,
+    ``MatryoshkaLLMScale.b_dec_init`` for notebook 06."""
 
     d_sae: int
     architecture: str = "standard"
@@ -179,14 +180,15 @@ class MatryoshkaVariant:
         return f"{kind} {self.loss.upper() if self.loss != 'snap' else 'snap'}"
 
     def spec(self, scale: MatryoshkaLLMScale, steps: int, seed: int) -> LLMSAESpec:
-        """The SAE at ``scale``'s width and levels, initialised with ``seed`` and trained on
-        stream ``seed``; snap loss switches to L2 after ``scale.snap_fraction`` of ``steps``."""
+        """The SAE at ``scale``'s width and levels, initialised with ``seed`` (its decoder bias at
+        ``scale.b_dec_init``) and trained on stream ``seed``; snap loss switches to L2 after
+        ``scale.snap_fraction`` of ``steps``."""
         cfg: dict[str, Any] = {"k": self.k, "matryoshka_widths": scale.levels, "coefficient_multiplier": float(self.multiplier),
                                "reconstruction_loss": self.loss}
         if self.loss == "snap":
             cfg["snap_step"] = int(scale.snap_fraction * steps)
         return LLMSAESpec(scale.width, "balance_matryoshka_batchtopk", seed, seed, cfg,
-                          label=f"{self.name} k {self.k} seed {seed}")
+                          label=f"{self.name} k {self.k} seed {seed}", b_dec_init=scale.b_dec_init)
 
 
 def matryoshka_settings(scale: MatryoshkaLLMScale, batch_size: int, dead_feature_window: int) -> TrainSettings:

@@ -264,6 +264,8 @@ class MatryoshkaLLMScale:
         loss_seeds: seeds per loss-comparison SAE (the post's 5).
         snap_fraction: snap loss switches from MSE to L2 after this share of the training steps
             (the post does not say; notebook 02's choice).
+        b_dec_init: where every SAE's decoder bias starts (``B_DEC_INITS``; ``LLMScale.b_dec_init``
+            says why ``small`` starts it at the activations' mean).
     """
 
     width: int
@@ -276,9 +278,12 @@ class MatryoshkaLLMScale:
     loss_k_values: tuple[int, ...]
     loss_seeds: int
     snap_fraction: float = 0.5
+    b_dec_init: str = "zeros"
 
     def __post_init__(self) -> None:
         check_levels("width", self.width, self.level_divisors)
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {list(B_DEC_INITS)}.")
         if not 0 < self.k < self.width:
             raise ParameterError(f"k={self.k} must lie between 0 and the width {self.width}.")
         if any(not 0 < k < self.width for k in self.loss_k_values):
@@ -302,12 +307,14 @@ PAPER_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=32_768, level_divisors=(256, 64,
 # multipliers x 3 seeds, the loss comparison's others) train in about 8 minutes on 2 cores with
 # bf16 units (a stacked step costs about 52 ms per SAE, much of it the memory traffic of the five
 # levels' errors), where width 1,024 or two passes would about double it. Three seeds, the fewest
-# from which a seed standard deviation means something, for the three-valued verdicts.
+# from which a seed standard deviation means something, for the three-valued verdicts. Its 320
+# steps leave a decoder bias started at 0 far from the activations' mean, so b_dec starts there, as
+# notebooks 04-05's SAEs (SMALL_LLM).
 SMALL_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=512, level_divisors=(256, 64, 16, 4), k=40,
                                           multipliers=(0.0, 0.25, 0.5, 0.75, 1.0), seeds=3,
-                                          tokens=327_680, lr=1e-3, loss_k_values=(20, 40, 80), loss_seeds=1)
+                                          tokens=327_680, lr=1e-3, loss_k_values=(20, 40, 80), loss_seeds=1, b_dec_init="mean")
 CI_MATRYOSHKA_LLM = MatryoshkaLLMScale(width=64, level_divisors=(16, 4), k=8, multipliers=(0.0, 0.5, 1.0), seeds=1,
-                                       tokens=4096, lr=1e-3, loss_k_values=(8,), loss_seeds=1)
+                                       tokens=4096, lr=1e-3, loss_k_values=(8,), loss_seeds=1, b_dec_init="mean")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,10 @@ def test_llm_saes_train_as_a_sweep_and_share_cache_entries_with_train_llm_sae(mo
     variants = [llm.MatryoshkaVariant(m, loss, 4) for m, loss in [(0.0, "mse"), (0.5, "mse"), (1.0, "snap")]]
     specs = {(v, s): v.spec(scale, settings.steps, s) for v in variants for s in (0, 1)}
     assert specs[(variants[2], 0)].cfg["snap_step"] == settings.steps // 2
+    assert specs[(variants[0], 0)].b_dec_init == scale.b_dec_init == "mean"  # ci, as small; paper: the authors' zeros
+    assert PROFILES["paper"].matryoshka_llm.b_dec_init == "zeros"
+    with pytest.raises(ParameterError, match="b_dec_init"):
+        dataclasses.replace(scale, b_dec_init="median")
     assert specs[(variants[1], 1)].cfg["matryoshka_widths"] == [4, 16] and specs[(variants[1], 1)].stream_seed == 1
     together = llm.train_llm_saes(source, specs, settings, progress=False)
     alone = llm.train_llm_sae(source, 16, settings, architecture="balance_matryoshka_batchtopk", seed=1, stream_seed=1,
