@@ -102,7 +102,7 @@ def test_llm_saes_train_as_a_sweep_and_share_cache_entries_with_train_llm_sae(mo
     assert specs[(variants[1], 1)].cfg["matryoshka_widths"] == [4, 16] and specs[(variants[1], 1)].stream_seed == 1
     together = llm.train_llm_saes(source, specs, settings, progress=False)
     alone = llm.train_llm_sae(source, 16, settings, architecture="balance_matryoshka_batchtopk", seed=1, stream_seed=1,
-                              **specs[(variants[1], 1)].cfg)  # the same cache entry
+                              b_dec_init=scale.b_dec_init, **specs[(variants[1], 1)].cfg)  # the same cache entry
     assert torch.equal(alone.W_dec, together[(variants[1], 1)].W_dec)
     assert not torch.equal(together[(variants[0], 0)].W_dec, together[(variants[1], 0)].W_dec)
     assert [v.name for v in variants] == ["BatchTopK MSE", "balance x0.5 MSE", "matryoshka snap"]
