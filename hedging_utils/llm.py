@@ -17,7 +17,8 @@ from hedging_utils.activations import ActivationSource
 from hedging_utils.extension import ExtensionPair, GrowthStep, PairSpec, extension_pairs, grow_sae
 from hedging_utils.metrics import HedgingDegree, hedging_degree
 from hedging_utils.precision import matmul_precision
-from hedging_utils.profiles import B_DEC_INITS, LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_positive_int
+from hedging_utils.profiles import (LLMModel, LLMScale, MatryoshkaLLMScale, ParameterError, check_b_dec_init,
+                                    check_positive_int)
 from hedging_utils.training import (DEAD_FEATURE_WINDOW, Job, TrainSettings, make_sae, seeded, train_saes,
                                     training_device)
 
@@ -67,8 +68,7 @@ class LLMSAESpec:
     b_dec_init: str = "zeros"
 
     def __post_init__(self) -> None:
-        if self.b_dec_init not in B_DEC_INITS:
-            raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {', '.join(B_DEC_INITS)}.")
+        check_b_dec_init(self.b_dec_init)
 
 
 def train_llm_saes(

@@ -43,6 +43,18 @@ class LLMModel:
 B_DEC_INITS = ("zeros", "mean")  # where an LLM SAE's decoder bias starts (``LLMScale.b_dec_init``)
 
 
+def check_b_dec_init(value: Any) -> str:
+    """``value`` if it is one of ``B_DEC_INITS``; else a ParameterError naming ``b_dec_init``."""
+    if value not in B_DEC_INITS:
+        raise ParameterError(f"b_dec_init={value!r} is not one of {list(B_DEC_INITS)}.")
+    return value
+
+
+def other_b_dec_init(value: str) -> str:
+    """The start an ablation sets beside ``value``: the other of ``B_DEC_INITS``."""
+    return next(init for init in B_DEC_INITS if init != check_b_dec_init(value))
+
+
 @dataclass(frozen=True)
 class LLMScale:
     """The numbers of the LLM figures (notebook 04, paper Figures 7, 16-19, the post's growing SAE).
@@ -128,8 +140,7 @@ class LLMScale:
     b_dec_init: str = "zeros"
 
     def __post_init__(self) -> None:
-        if self.b_dec_init not in B_DEC_INITS:  # (check_choice is defined below the profiles)
-            raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {list(B_DEC_INITS)}.")
+        check_b_dec_init(self.b_dec_init)
 
     def width_seeds(self, width: int, first_seed: int = 0) -> list[int]:
         """The seeds of P7(a)'s SAEs at ``width`` (notebook 05 reads the same SAEs)."""
@@ -282,8 +293,7 @@ class MatryoshkaLLMScale:
 
     def __post_init__(self) -> None:
         check_levels("width", self.width, self.level_divisors)
-        if self.b_dec_init not in B_DEC_INITS:
-            raise ParameterError(f"b_dec_init={self.b_dec_init!r} is not one of {list(B_DEC_INITS)}.")
+        check_b_dec_init(self.b_dec_init)
         if not 0 < self.k < self.width:
             raise ParameterError(f"k={self.k} must lie between 0 and the width {self.width}.")
         if any(not 0 < k < self.width for k in self.loss_k_values):

@@ -91,3 +91,11 @@ def test_width_seeds_gives_the_widest_one_seed_where_the_profile_says_so():
     assert SMALL_LLM.width_seeds(SMALL_LLM.one_seed_from, 3) == [3]
     assert SMALL_LLM.width_seeds(max(SMALL_LLM.widths)) == [0]
     assert CI_LLM.one_seed_from is None and CI_LLM.width_seeds(max(CI_LLM.widths)) == list(range(CI_LLM.seeds))
+
+
+def test_an_ablation_starts_the_decoder_bias_the_other_way():
+    from hedging_utils.profiles import B_DEC_INITS, other_b_dec_init
+    assert {other_b_dec_init(init) for init in B_DEC_INITS} == set(B_DEC_INITS)
+    assert other_b_dec_init("mean") == "zeros" and other_b_dec_init("zeros") == "mean"
+    with pytest.raises(ParameterError, match="b_dec_init"):
+        other_b_dec_init("median")
